@@ -1,0 +1,160 @@
+"""Configuration: one pydantic model per stage, loaded from YAML.
+
+A config file holds any subset of the sections below; missing keys take the documented
+defaults (``assay config show`` prints them all). Unknown keys are errors, and every error
+names the bad key and the values that are allowed::
+
+    store:   {threads: 2}
+    simulate: {n_products: 20000, n_queries: 2000, seed: 13}
+    ingest:  {segments: {head_share: 0.5, torso_share: 0.3}}
+    mining:  {k: 500}
+
+Command-line overrides use the same dotted keys: ``--set mining.k=200``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from assay.data.simulate.params import SimulateConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(Section):
+    threads: int = Field(2, ge=1, description="DuckDB threads (and default torch/faiss threads).")
+    memory_limit: str | None = Field(None, description="DuckDB memory limit such as '8GB'; None = DuckDB default.")
+
+
+class SegmentConfig(Section):
+    """Head/torso/tail split by cumulative traffic: queries sorted by frequency, the ones that
+    together make the first ``head_share`` of traffic are head, the next ``torso_share`` torso,
+    the rest tail. Queries without a frequency are 'unknown'."""
+
+    head_share: float = Field(0.5, gt=0, lt=1)
+    torso_share: float = Field(0.3, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SegmentConfig":
+        if self.head_share + self.torso_share >= 1:
+            raise ValueError("head_share + torso_share must be < 1 (the rest is the tail)")
+        return self
+
+
+class IngestConfig(Section):
+    """How files map onto the workspace tables.
+
+    ``columns`` maps a target column to the source column per table, for example
+    ``{products: {title: product_name}}``. Generic files use the documented column names
+    by default."""
+
+    columns: dict[Literal["products", "queries", "engagement", "human_labels"], dict[str, str]] = Field(
+        default_factory=dict, description="target column -> source column, per table")
+    delimiter: str | None = Field(None, description="CSV delimiter; None = by extension (.tsv tab, else comma)")
+    chunk_rows: int = Field(100_000, ge=1_000, description="rows per streamed chunk")
+    esci_locale: str | None = Field("us", description="ESCI product_locale to keep; None keeps all")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="train/calib/eval shares, by query, for human labels without a split column")
+    split_seed: int = 13
+    segments: SegmentConfig = Field(default_factory=SegmentConfig)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "IngestConfig":
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError("split_fractions must be three non-negative shares that sum to 1")
+        return self
+
+
+class ModelsConfig(Section):
+    """Model names resolve through assay.models: a packaged alias, a local path or a hub id."""
+
+    embedder: str = Field("all-MiniLM-L6-v2", description="bi-encoder for ANN mining and the base two-tower")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
+
+
+class AssayConfig(Section):
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    mining: dict[str, Any] = Field(default_factory=dict)  # replaced by MiningConfig with the mining stage
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key and what is allowed."""
+
+
+def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _submodel(model, e["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            lines.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
+        else:
+            lines.append(f"bad value for '{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _submodel(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        cur = cur.model_fields[part].annotation
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _coerce(value: str) -> Any:
+    """Parse an override value as YAML (so 200 is an int, [1,2] a list, null None)."""
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides onto a raw config dict."""
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value")
+        key, value = ov.split("=", 1)
+        parts = key.strip().split(".")
+        cur = data
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
+        cur[parts[-1]] = _coerce(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AssayConfig:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return AssayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, AssayConfig)) from None
+
+
+def dump_config(cfg: AssayConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

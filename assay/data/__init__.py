@@ -1,0 +1,1 @@
+"""Data in: ingest (WANDS, ESCI, generic files) and the simulated e-commerce world."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny worlds and workspaces built once per session, copied per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A small simulated world (files only), built once."""
+    from assay.data.simulate import SimulateConfig, simulate
+
+    out = tmp_path_factory.mktemp("world")
+    simulate(SimulateConfig(seed=7, n_products=3000, n_queries=300), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace_master(tiny_world, tmp_path_factory) -> Path:
+    """A workspace with the tiny world ingested, built once; tests get a copy."""
+    from assay.config import IngestConfig
+    from assay.data import ingest
+    from assay.store import Store
+
+    ws = tmp_path_factory.mktemp("ws_master")
+    with Store.open(ws) as store:
+        ingest.run(IngestConfig(), store, path=tiny_world, progress=False)
+    return ws
+
+
+@pytest.fixture()
+def tiny_workspace(tiny_workspace_master, tmp_path) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_workspace_master, ws, ignore=shutil.ignore_patterns("assay.lock"))
+    return ws
