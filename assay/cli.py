@@ -134,15 +134,86 @@ def ingest(
 
 def _render_ingest(s: dict) -> None:
     t = Table(title=f"ingest {s['run_id']} ({s['format']})")
-    for c in ("table", "read", "accepted", "inserted", "replaced", "dups collapsed", "skipped", "rejected", "rejected by reason"):
-        t.add_column(c, justify="left" if c in ("table", "rejected by reason") else "right")
+    for c in ("table", "read", "accepted", "new", "replaced", "collapsed", "skipped", "rejected"):
+        t.add_column(c, justify="left" if c == "table" else "right")
+    reasons = Table(title="rejected rows by reason (details: assay rejects)")
+    for c in ("table", "reason", "rows"):
+        reasons.add_column(c, justify="right" if c == "rows" else "left")
     for name, r in s["tables"].items():
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
         t.add_row(name, f"{r['read']:,}", f"{r['accepted']:,}", f"{r['inserted']:,}", f"{r['replaced']:,}",
-                  f"{r['duplicates_collapsed']:,}", f"{r['skipped']:,}", f"{r['rejected']:,}", reasons or "-")
+                  f"{r['duplicates_collapsed']:,}", f"{r['skipped']:,}", f"{r['rejected']:,}")
+        for reason, n in sorted(r["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+            reasons.add_row(name, reason, f"{n:,}")
     console.print(t)
+    if reasons.row_count:
+        console.print(reasons)
     if "truth" in s:
         console.print(f"simulated-world truth loaded: {s['truth']}")
+
+
+# --------------------------------------------------------------------------- mine
+@app.command()
+def mine(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+         set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Mine candidates from the BM25, ANN and click channels, federate them, and mine negatives.
+    Interrupted runs resume from their last finished batch."""
+    from assay.mining import run as run_mining
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    store = ctx.open()
+    try:
+        summary = run_mining(ctx.cfg.mining, store, ctx.cfg.models, progress=not quiet)
+    except (ValueError, KeyError) as e:
+        _fail(str(e))
+    finally:
+        store.close()
+    _emit(summary, as_json, _render_mine)
+
+
+def _render_mine(s: dict) -> None:
+    rep = s["report"]
+    console.print(f"mined {s['candidates']:,} candidates and {s['negatives']:,} negatives for {s['queries']:,} queries "
+                  f"over {s['items']:,} items (run {s['run_id']}, resumed batches: {s['resumed_batches']})")
+    t = Table(title="channels")
+    for c in ("channel", "hits", "queries", "hits/query"):
+        t.add_column(c, justify="right" if c != "channel" else "left")
+    for c, r in rep["channels"].items():
+        t.add_row(c, f"{r['hits']:,}", f"{r['queries']:,}", str(r["hits_per_query"]))
+    console.print(t)
+    t = Table(title="pairwise overlap")
+    for c in ("pair", "overlap |A&B|/min", "jaccard"):
+        t.add_column(c)
+    for pair, r in rep["overlap"].items():
+        t.add_row(pair, f"{r['overlap']:.1%}", f"{r['jaccard']:.1%}")
+    console.print(t)
+    cpq = rep["candidates_per_query"]
+    console.print(f"candidates per query: mean {cpq['mean']}, median {cpq['p50']:.0f}, p90 {cpq['p90']:.0f}, "
+                  f"min {cpq['min']}, max {cpq['max']}; items by channel count: {rep['n_channels']}")
+    rec = rep.get("recall")
+    if rec:
+        chans = [c for c in rep["channels"]] + ["union"]
+        t = Table(title=f"recall of grade>=3 items (micro / macro; judgments: {rec['source']})")
+        t.add_column("queries")
+        t.add_column("n", justify="right")
+        for c in chans:
+            t.add_column(c, justify="right")
+        has_extra = "ann_not_bm25" in rec["all"]
+        if has_extra:
+            t.add_column("ann-only rel.", justify="right")
+        rows = [("all", rec["all"])] + [(f"kind={k}", v) for k, v in rec.get("by_kind", {}).items()] + \
+               [(f"segment={k}", v) for k, v in rec.get("by_segment", {}).items()]
+        for name, b in rows:
+            extra = [f"{b['ann_not_bm25']:,}"] if has_extra else []
+            t.add_row(name, str(b["queries"]), *[f"{b[c]['micro']:.2f}/{b[c]['macro']:.2f}" for c in chans], *extra)
+        console.print(t)
+    if rep.get("click_coverage"):
+        t = Table(title="click channel coverage")
+        for c in ("segment", "own engagement", "queries", "with click candidates"):
+            t.add_column(c)
+        for r in rep["click_coverage"]:
+            t.add_row(str(r["segment"]), str(r["own_engagement"]), str(r["queries"]), str(r["with_click_candidates"]))
+        console.print(t)
+    console.print(f"timings: {s['timings']}")
 
 
 # --------------------------------------------------------------------------- inspection

@@ -78,12 +78,80 @@ class ModelsConfig(Section):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
 
 
+class BM25Config(Section):
+    tokenizer: Literal["stem", "char3", "stem+char3"] = Field(
+        "stem+char3", description="stems, character 3-grams, or both (typo tolerant); see bench_mining.py")
+    k1: float = Field(1.5, gt=0)
+    b: float = Field(0.75, ge=0, le=1)
+    backend: Literal["auto", "numba", "numpy"] = Field("auto", description="bm25s backend; auto = numba if installed")
+
+
+class AnnConfig(Section):
+    model: str | None = Field(None, description="encoder; None = models.embedder")
+    index: Literal["auto", "flat", "hnsw", "ivf"] = Field("auto", description="auto: flat up to exact_max_items, else hnsw")
+    exact_max_items: int = Field(250_000, ge=1, description="largest catalog searched exactly under index=auto")
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(80, ge=8)
+    ef_search: int = Field(256, ge=8, description="HNSW search depth; should be >= k")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed")
+    max_seq_length: int = Field(64, ge=8, description="tokens per item text")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast roughly doubles CPU encode speed")
+    batch_size: int = Field(128, ge=1)
+    recall_sample: int = Field(200, ge=0, description="queries used to measure an approximate index against exact")
+
+
+class ClickConfig(Section):
+    alpha: float = Field(1.0, gt=0, description="COEC smoothing strength towards 1")
+    min_clicks: int = Field(1, ge=1, description="clicks a (query, item) needs to count as engaged")
+    max_position: int = Field(50, ge=1, description="positions above this share one CTR bucket")
+    n_neighbors: int = Field(10, ge=0, description="similar queries that lend their engaged items")
+    min_similarity: float = Field(0.6, ge=0, le=1, description="least similarity of a lending query")
+    neighbor_weight: float = Field(0.5, ge=0, le=1, description="discount of a lent item's score")
+    neighbours: Literal["lexical", "embedding", "both"] = Field("both")
+
+
+class NegativesConfig(Section):
+    token_sim_min: float = Field(0.2, ge=0, le=1)
+    token_sim_max: float = Field(0.6, ge=0, le=1)
+    n_token_sim: int = Field(20, ge=0, description="token-similar negatives per query")
+    n_random: int = Field(20, ge=0, description="random negatives per query")
+    max_features: int | None = Field(500_000, description="TF-IDF vocabulary cap")
+
+    @model_validator(mode="after")
+    def _band(self) -> "NegativesConfig":
+        if self.token_sim_min > self.token_sim_max:
+            raise ValueError("token_sim_min must be <= token_sim_max")
+        return self
+
+
+class MiningConfig(Section):
+    k: int = Field(500, ge=1, description="top-K kept per channel per query")
+    channels: list[Literal["bm25", "ann", "click"]] = Field(["bm25", "ann", "click"])
+    batch_queries: int = Field(256, ge=1, description="queries per resumable batch")
+    prior: str = Field("rrf", description="retrieval prior: rrf (normalised per query) or rrf_global")
+    rrf_k: float = Field(60.0, gt=0, description="RRF constant")
+    seed: int = 13
+    keep_channel_hits: bool = Field(False, description="keep per-channel hits after federation (audit)")
+    bm25: BM25Config = Field(default_factory=BM25Config)
+    ann: AnnConfig = Field(default_factory=AnnConfig)
+    click: ClickConfig = Field(default_factory=ClickConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+
+    @model_validator(mode="after")
+    def _channels(self) -> "MiningConfig":
+        if not self.channels:
+            raise ValueError("channels must name at least one of bm25, ann, click")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels must not repeat")
+        return self
+
+
 class AssayConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-    mining: dict[str, Any] = Field(default_factory=dict)  # replaced by MiningConfig with the mining stage
+    mining: MiningConfig = Field(default_factory=MiningConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -84,8 +84,11 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+_now = utcnow
 
 
 def new_run_id(stage: str) -> str:
