@@ -146,12 +146,97 @@ class MiningConfig(Section):
         return self
 
 
+JudgeKind = Literal["cross_encoder", "llm_classifier", "prompted"]
+DEFAULT_TEMPLATES = {"cross_encoder": "classifier_input.j2", "llm_classifier": "llm_classifier_input.j2",
+                     "prompted": "judge_grade.j2"}
+
+
+class JudgeConfig(Section):
+    """One judge of the cascade. Classifier judges are trained by `assay teachers train`;
+    prompted judges need no training."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="unique name, used in decided_by")
+    kind: JudgeKind
+    model: str = Field(..., description="alias, local path or hub id; for backend=openai the endpoint's model name")
+    template: str | None = Field(None, description="prompts/ template; None = the kind's default")
+    max_length: int = Field(128, ge=16, description="input tokens")
+    batch_size: int = Field(32, ge=1, description="pairs per forward pass / per request wave")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="CPU inference autocast")
+    # training (classifier kinds)
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float | None = Field(None, gt=0, description="None = 5e-5 (cross_encoder) or 2e-4 (LoRA)")
+    train_batch_size: int = Field(16, ge=1)
+    max_train_pairs: int | None = Field(None, ge=1, description="cap on training pairs (None = all)")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    seed: int = 13
+    # prompted kind
+    backend: Literal["local", "openai", "vllm"] = Field("local", description="where a prompted judge runs")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (never stored)")
+    concurrency: int = Field(8, ge=1, description="requests in flight (openai backend)")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0, description="retries on 429/5xx/timeouts, with exponential backoff")
+    few_shot: int = Field(0, ge=0, description="few-shot examples drawn from human train labels")
+    max_tokens: int = Field(48, ge=1)
+    n_ctx: int = Field(2048, ge=256, description="context window of a local GGUF model")
+
+    @property
+    def template_name(self) -> str:
+        return self.template or DEFAULT_TEMPLATES[self.kind]
+
+
+def _default_judges() -> list[JudgeConfig]:
+    return [
+        JudgeConfig(name="ce-minilm", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=96, batch_size=64),
+        JudgeConfig(name="smollm2-cls", kind="llm_classifier", model="smollm2-135m", max_length=128, batch_size=16,
+                    epochs=1.0),
+    ]
+
+
+class AnnotateConfig(Section):
+    """The cascade: judges in order, cheapest first (ARCHITECTURE.md, "Annotation cascade")."""
+
+    judges: list[JudgeConfig] = Field(default_factory=_default_judges)
+    thresholds: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="judge name -> 5 per-grade thresholds on the calibrated top-class probability; judges "
+                    "missing here use the thresholds fitted by `assay calibrate`, else default_threshold")
+    default_threshold: float = Field(0.9, ge=0, le=1)
+    target_agreement: float = Field(0.9, gt=0, le=1, description="agreement that `assay calibrate` fits thresholds for")
+    batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
+    sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
+    max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")
+
+    @model_validator(mode="after")
+    def _judges(self) -> "AnnotateConfig":
+        names = [j.name for j in self.judges]
+        if not names:
+            raise ValueError("judges must list at least one judge")
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge names must be unique, got {names}")
+        for name, th in self.thresholds.items():
+            if name not in names:
+                raise ValueError(f"thresholds names judge {name!r}, which is not in judges {names}")
+            if len(th) != 5 or not all(0 <= t <= 1 for t in th):
+                raise ValueError(f"thresholds[{name!r}] must be 5 numbers in [0, 1] (one per grade 0-4)")
+        return self
+
+    def judge(self, name: str) -> JudgeConfig:
+        for j in self.judges:
+            if j.name == name:
+                return j
+        raise KeyError(f"Unknown judge {name!r}. Available: {[j.name for j in self.judges]}")
+
+
 class AssayConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

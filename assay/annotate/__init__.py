@@ -1,0 +1,1 @@
+"""Annotation: a calibrated cascade of judges assigns grades 0-4 to mined pairs."""
