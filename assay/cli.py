@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="assay: graded relevance training data for dense product search, without click labels.")
 config_app = typer.Typer(no_args_is_help=True, help="Show or check configuration.")
 app.add_typer(config_app, name="config")
+teachers_app = typer.Typer(no_args_is_help=True, help="Train the cascade's classifier judges on human labels.")
+app.add_typer(teachers_app, name="teachers")
 
 console = Console()
 err = Console(stderr=True)
@@ -214,6 +216,110 @@ def _render_mine(s: dict) -> None:
             t.add_row(str(r["segment"]), str(r["own_engagement"]), str(r["queries"]), str(r["with_click_candidates"]))
         console.print(t)
     console.print(f"timings: {s['timings']}")
+
+
+# --------------------------------------------------------------------------- annotate
+@teachers_app.command("train")
+def teachers_train(judge: Optional[list[str]] = typer.Option(None, "--judge", help="train only this judge (repeatable)"),
+                   workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                   set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Fine-tune the classifier judges (cross-encoder, LLM classifier) on the human train split."""
+    from assay.annotate import teachers
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    with ctx.open() as store:
+        try:
+            s = teachers.run(ctx.cfg.annotate, store, only=judge, progress=not quiet)
+        except (ValueError, KeyError) as e:
+            _fail(str(e))
+    _emit(s, as_json, lambda s: _kv_table(f"teachers trained on {s['train_pairs']:,} pairs", s["judges"]))
+
+
+@app.command()
+def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+              set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Fit per-class isotonic calibrators and the cascade thresholds on the human calib split."""
+    from assay.annotate import fit
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    with ctx.open() as store:
+        try:
+            s = fit.run(ctx.cfg.annotate, store, progress=not quiet)
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+            _fail(str(e))
+    def render(s: dict) -> None:
+        t = Table(title=f"calibration on {s['calib_pairs']:,} pairs (target agreement {s['target_agreement']:.3f}, "
+                        f"{s['target_source']})")
+        for c in ("judge", "graded", "accuracy", "ECE before", "ECE after", "ms/pair", "reach", "thresholds 0-4"):
+            t.add_column(c)
+        for name, j in s["judges"].items():
+            th = " ".join("-" if x is None else f"{x:.2f}" for x in s["thresholds"][name])
+            t.add_row(name, str(j["graded"]), f"{j['accuracy']:.3f}", f"{j['ece_before']:.3f}", f"{j['ece_after']:.3f}",
+                      f"{j['ms_per_pair']:.1f}", f"{s['reach'][name]:.1%}", th)
+        console.print(t)
+        console.print(f"cascade on calib: accuracy {s['cascade_accuracy_on_calib']:.3f}, decided by {s['decided_by']}")
+    _emit(s, as_json, render)
+
+
+@app.command()
+def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the cost estimate only"),
+             workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+             set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Label mined pairs with the calibrated cascade, in resumable batches."""
+    from assay.annotate import batches
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    with (ctx.open(read_only=True) if dry_run else ctx.open()) as store:
+        try:
+            s = batches.run(ctx.cfg.annotate, store, progress=not quiet, dry_run=dry_run)
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+            _fail(str(e))
+    def render(s: dict) -> None:
+        if s.get("dry_run"):
+            t = Table(title=f"annotate --dry-run: {s['to_annotate']:,} pairs to annotate "
+                            f"({s['labeled']:,} of {s['work']:,} done; {s['estimate_source']})")
+            for c in ("judge", "kind", "reach", "expected calls", "expected seconds"):
+                t.add_column(c)
+            for name, j in s["judges"].items():
+                t.add_row(name, j["kind"], f"{j['reach']:.1%}", f"{j['expected_calls']:,}",
+                          "?" if j["expected_seconds"] is None else f"{j['expected_seconds']:,.0f}")
+            console.print(t)
+            return
+        _kv_table(f"annotated {s['annotated']:,} pairs ({s['pairs_per_second']} pairs/s)", {
+            k: s[k] for k in ("cascade_sha", "decided_share", "failed", "judge_seconds", "after", "run_id")})
+    _emit(s, as_json, render)
+
+
+@app.command()
+def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+              set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Agreement of each judge and of the cascade with the held-out human eval split (HTML + PNG report)."""
+    from assay.annotate import agreement as agr
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    with ctx.open() as store:
+        try:
+            s = agr.run(ctx.cfg.annotate, store, progress=not quiet)
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+            _fail(str(e))
+    def render(s: dict) -> None:
+        t = Table(title=f"agreement with held-out human labels ({s['pairs']:,} eval pairs)")
+        for c in ("judge", "accuracy", "QWK", "judge-seconds", "decided share", "accuracy on share"):
+            t.add_column(c)
+        cov = s["cascade"]["coverage"]
+        for name, j in s["judges"].items():
+            cv = cov.get(name, {})
+            t.add_row(name, f"{j['accuracy']:.3f}", f"{j['qwk']:.3f}", f"{j['judge_seconds']:.1f}",
+                      f"{cv.get('share', 0):.1%}", f"{cv['accuracy']:.3f}" if cv else "-")
+        c = s["cascade"]
+        if "vote" in cov:
+            t.add_row("(vote)", "", "", "", f"{cov['vote']['share']:.1%}", f"{cov['vote']['accuracy']:.3f}")
+        t.add_row("cascade", f"{c['accuracy']:.3f}", f"{c['qwk']:.3f}", f"{c['judge_seconds']:.1f}", "100%", "")
+        console.print(t)
+        console.print(f"cascade vs best judge ({s['best_judge']}): {c['accuracy_minus_best_judge_points']:+.2f} points, "
+                      f"compute {c['compute_vs_best_judge']:.1%} of it (vs last judge: {c['compute_vs_last_judge']:.1%})")
+        console.print(f"report: {s['report']}")
+    _emit(s, as_json, render)
 
 
 # --------------------------------------------------------------------------- inspection

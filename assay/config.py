@@ -204,7 +204,9 @@ class AnnotateConfig(Section):
         description="judge name -> 5 per-grade thresholds on the calibrated top-class probability; judges "
                     "missing here use the thresholds fitted by `assay calibrate`, else default_threshold")
     default_threshold: float = Field(0.9, ge=0, le=1)
-    target_agreement: float = Field(0.9, gt=0, le=1, description="agreement that `assay calibrate` fits thresholds for")
+    target_agreement: float | None = Field(
+        None, gt=0, le=1, description="agreement with humans that `assay calibrate` fits thresholds for; None = the "
+                                      "best single judge's calibrated accuracy on the calibration split")
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
     sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
     max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")

@@ -191,6 +191,8 @@ class Store:
         store = cls(root, con, lock, threads)
         if not read_only:
             store.migrate()
+            # we hold the only write lock, so a run still marked running was cut off (crash, kill -9)
+            store.exec("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
         return store
 
     def close(self) -> None:

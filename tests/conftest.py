@@ -21,7 +21,7 @@ def tiny_world(tmp_path_factory) -> Path:
     from assay.data.simulate import SimulateConfig, simulate
 
     out = tmp_path_factory.mktemp("world")
-    simulate(SimulateConfig(seed=7, n_products=3000, n_queries=300), out, progress=False)
+    simulate(SimulateConfig(seed=7, n_products=3000, n_queries=300, label_queries=0.3), out, progress=False)
     return out
 
 
@@ -43,3 +43,24 @@ def tiny_workspace(tiny_workspace_master, tmp_path) -> Path:
     ws = tmp_path / "ws"
     shutil.copytree(tiny_workspace_master, ws, ignore=shutil.ignore_patterns("assay.lock"))
     return ws
+
+
+MINING_FAST = dict(k=100, batch_queries=64)
+
+
+def copy_ws(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("assay.lock"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def mined_master(tiny_workspace_master, tmp_path_factory):
+    """The tiny workspace after `assay mine` (k=100), built once: (workspace, mining summary)."""
+    from assay.config import MiningConfig, ModelsConfig
+    from assay.mining import run as mine
+    from assay.store import Store
+
+    ws = copy_ws(tiny_workspace_master, tmp_path_factory.mktemp("mined") / "ws")
+    with Store.open(ws) as store:
+        summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(), progress=False)
+    return ws, summary

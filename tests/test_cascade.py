@@ -1,0 +1,65 @@
+"""Cascade routing, voting and threshold fitting (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from assay.annotate.cascade import NEVER, VOTE, fit_thresholds, route, vote
+
+NAN = [np.nan] * 5
+
+
+def P(*rows):
+    return np.array(rows, dtype=np.float32)
+
+
+def test_cheap_judge_settles_confident_pairs_and_escalates_the_rest():
+    cheap = P([0.95, 0.05, 0, 0, 0], [0.1, 0.1, 0.6, 0.1, 0.1], [0, 0, 0, 0.2, 0.8])
+    strong = P([0.9, 0.1, 0, 0, 0], [0, 0, 0.1, 0.85, 0.05], [0, 0, 0, 0.1, 0.9])
+    th = [np.array([0.9, 0.9, 0.9, 0.9, 0.75]), np.full(5, 0.8)]
+    d = route([cheap, strong], ["ce", "llm"], th)
+    assert d.grade.tolist() == [0, 3, 4]
+    assert d.decided_by.tolist() == ["ce", "llm", "ce"]
+    assert d.reached.tolist() == [[True, True, True], [False, True, False]]
+    assert np.isclose(d.confidence[1], 0.85)
+
+
+def test_unaccepted_pairs_get_a_calibrated_vote_and_failed_pairs_are_marked():
+    a = P([0.5, 0.5, 0, 0, 0], NAN, NAN)
+    b = P([0.3, 0.7, 0, 0, 0], [0, 0, 0.6, 0.4, 0], NAN)
+    d = route([a, b], ["a", "b"], [np.full(5, NEVER), np.full(5, NEVER)])
+    assert d.decided_by.tolist() == [VOTE, VOTE, None]
+    assert d.grade.tolist() == [1, 2, -1]  # mean of the judges that graded; the failed pair stays failed
+    assert np.allclose(d.probs[0], [0.4, 0.6, 0, 0, 0])
+
+
+def test_vote_tie_break_prefers_the_latest_judge_then_the_lower_grade():
+    a = P([0, 0, 0, 0.6, 0.4])
+    b = P([0, 0, 0, 0.4, 0.6])  # mean is a 0.5/0.5 tie between 3 and 4; b (latest) prefers 4
+    g, _ = vote([a, b])
+    assert g.tolist() == [4]
+    c = P([0, 0, 0.5, 0.5, 0])  # the latest judge itself is tied: the lower grade wins
+    g, _ = vote([c])
+    assert g.tolist() == [2]
+
+
+def test_fit_thresholds_reaches_target_precision_and_never_when_impossible():
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.integers(0, 5, n)
+    conf = rng.uniform(0.2, 1.0, n)
+    correct = rng.uniform(size=n) < conf  # a calibrated judge: right with probability conf
+    top = np.where(correct, y, (y + 1) % 5)
+    probs = np.full((n, 5), 0.0)
+    probs[np.arange(n), top] = conf
+    rest = (1 - conf) / 4
+    probs += rest[:, None] * (probs == 0)
+    th = fit_thresholds(probs.astype(np.float32), y, target=0.9)
+    for c in range(5):
+        assert th[c] < NEVER
+        sel = (top == c) & (conf >= th[c])
+        assert (y[sel] == c).mean() >= 0.9
+        assert sel.sum() > 50  # it still settles a good share
+    # a judge that is right only half the time never reaches 0.95
+    th2 = fit_thresholds(P(*([[0.9, 0.1, 0, 0, 0]] * 40)), np.array([0, 1] * 20), target=0.95)
+    assert th2[0] == NEVER

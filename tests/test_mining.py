@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from assay.config import MiningConfig, ModelsConfig
+from assay.mining import clicks as click_mod
+from assay.mining import run as mine
+from assay.mining.bm25 import BM25Index
+from assay.mining.run import Interrupted
+from assay.store import Store
+
+from conftest import MINING_FAST as FAST
+
+
+@pytest.fixture()
+def mined(mined_master, tmp_path):
+    ws = tmp_path / "mined_ws"
+    shutil.copytree(mined_master[0], ws, ignore=shutil.ignore_patterns("assay.lock"))
+    return ws, mined_master[1]
+
+
+def test_federation_invariants(mined):
+    ws, summary = mined
+    with Store.open(ws, read_only=True) as s:
+        assert s.count("candidates") == summary["candidates"] > 0
+        assert s.scalar("""SELECT count(*) FROM candidates WHERE n_channels !=
+                           (rank_bm25 IS NOT NULL)::INT + (rank_ann IS NOT NULL)::INT + (rank_click IS NOT NULL)::INT""") == 0
+        assert s.scalar("SELECT count(*) FROM candidates WHERE prior < 0 OR prior > 1 OR prior IS NULL") == 0
+        assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM candidates GROUP BY 1, 2 HAVING count(*) > 1)") == 0
+        # the default prior (rrf normalised per query) gives each query's best item prior 1
+        assert s.scalar("SELECT min(m) FROM (SELECT max(prior) AS m FROM candidates GROUP BY query_id)") == pytest.approx(1.0)
+        for c in ("bm25", "ann", "click"):
+            # ranks of a channel within a query are exactly 1..n, and scores do not increase with rank
+            bad = s.scalar(f"""SELECT count(*) FROM (
+                    SELECT query_id, count(*) AS n, min(rank_{c}) AS lo, max(rank_{c}) AS hi, count(DISTINCT rank_{c}) AS d
+                    FROM candidates WHERE rank_{c} IS NOT NULL GROUP BY query_id)
+                WHERE lo != 1 OR hi != n OR d != n OR n > 100""")
+            assert bad == 0, c
+            inversions = s.scalar(f"""SELECT count(*) FROM (
+                    SELECT score_{c} - lag(score_{c}) OVER (PARTITION BY query_id ORDER BY rank_{c}) AS d
+                    FROM candidates WHERE rank_{c} IS NOT NULL) WHERE d > 1e-5""")
+            assert inversions == 0, c
+        # more channels agreeing -> higher prior on average
+        means = dict(s.exec("SELECT n_channels, avg(prior) FROM candidates GROUP BY 1"))
+        assert means[3] > means[2] > means[1]
+        assert s.scalar("SELECT count(DISTINCT run_id) FROM candidates") == 1
+        assert s.count("channel_hits") == 0 and s.count("mining_progress") == 0  # cleaned after federation
+
+
+def test_union_recalls_more_than_any_channel(mined):
+    _, summary = mined
+    rec = summary["report"]["recall"]
+    assert rec["source"] == "truth"
+    best_single = max(rec["all"][c]["micro"] for c in ("bm25", "ann", "click"))
+    assert rec["all"]["union"]["micro"] > best_single + 0.03
+    # the semantic channel finds relevant items that BM25 misses for synonym and typo queries
+    assert rec["by_kind"]["synonym"]["ann_not_bm25"] > 0
+    assert rec["by_kind"]["typo"]["ann_not_bm25"] > 0
+
+
+def test_negatives_are_outside_candidates_and_in_band(mined):
+    ws, _ = mined
+    with Store.open(ws, read_only=True) as s:
+        assert s.count("negatives", "kind = 'token_sim'") > 0 and s.count("negatives", "kind = 'random'") > 0
+        assert s.scalar("""SELECT count(*) FROM negatives n JOIN candidates c USING (query_id, item_id)""") == 0
+        lo, hi = s.exec("SELECT min(similarity), max(similarity) FROM negatives WHERE kind = 'token_sim'")[0]
+        assert 0.2 <= lo and hi <= 0.6
+        assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM negatives GROUP BY 1, 2 HAVING count(*) > 1)") == 0
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(mined, tiny_workspace):
+    ws_full, _ = mined
+    with Store.open(tiny_workspace) as s:
+        with pytest.raises(Interrupted):
+            mine(MiningConfig(**FAST), s, ModelsConfig(), progress=False, stop_after_batches=3)
+        assert s.count("mining_progress") == 3
+        assert s.count("candidates") == 0
+        assert s.scalar("SELECT status FROM runs WHERE stage = 'mine'") == "failed"
+        summary = mine(MiningConfig(**FAST), s, ModelsConfig(), progress=False)
+        assert summary["resumed_batches"] == 3
+        got = s.query("SELECT query_id, item_id, rank_bm25, rank_ann, rank_click, prior FROM candidates ORDER BY 1, 2")
+    with Store.open(ws_full, read_only=True) as s:
+        want = s.query("SELECT query_id, item_id, rank_bm25, rank_ann, rank_click, prior FROM candidates ORDER BY 1, 2")
+    assert got.equals(want)
+
+
+def test_embedding_cache_skips_unchanged_items(mined):
+    ws, first = mined
+    with Store.open(ws) as s:
+        n = s.count("products")
+        again = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        assert again["item_embeddings"]["encoded"] == 0 and again["item_embeddings"]["cached"] == n
+        s.exec("UPDATE products SET title = title || ' (renamed)' WHERE item_id = (SELECT min(item_id) FROM products)")
+        third = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        assert third["item_embeddings"]["encoded"] == 1
+        assert third["ann_index"]["reused"] is False  # the catalog changed, so the index was rebuilt
+
+
+def test_bm25_char_grams_tolerate_typos():
+    docs = ["stainless coffee maker 12 cup", "solid oak coffee table", "velvet sofa"]
+    stem = BM25Index.build(docs, "stem", backend="numpy")
+    both = BM25Index.build(docs, "stem+char3", backend="numpy")
+    assert stem.search(["cofee makr"], 3).idx[0][0] == -1  # no stem matches the misspelling
+    assert both.search(["cofee makr"], 3).idx[0][0] == 0
+    assert both.search(["coffee table"], 3).idx[0][0] == 1
+
+
+def test_click_scores_are_position_debiased():
+    # the same query: item a shown at rank 1 (where everything gets clicks), item b at rank 8
+    eng = pa.table({
+        "query_id": ["q", "q", "o", "o"], "item_id": ["a", "b", "c", "d"],
+        "impressions": [1000, 1000, 1000, 1000], "clicks": [300, 80, 310, 40], "position": [1.0, 8.0, 1.0, 8.0],
+    })
+    ix = click_mod.build_engagement_index(eng, {"q": 0, "o": 1}, {"a": 0, "b": 1, "c": 2, "d": 3},
+                                          alpha=1.0, min_clicks=1, max_position=50)
+    nb = click_mod.QueryNeighbours(["q", "o"], None, np.array([True, True]), 0, 0.5)
+    hits = click_mod.search(ix, nb, np.array([0]), 10, 0.5)
+    # raw clicks favour a (300 vs 80) but b is clicked 1.3x its expectation at rank 8, a 0.98x at rank 1
+    assert hits.idx[0][:2].tolist() == [1, 0]
+
+
+def test_click_channel_lends_items_to_similar_queries_without_engagement():
+    eng = pa.table({"query_id": ["q0", "q0"], "item_id": ["a", "b"], "impressions": [50, 50], "clicks": [9, 3],
+                    "position": [1.0, 2.0]})
+    texts = ["blue velvet sofa", "blue velvet sofas", "garden hose"]
+    ix = click_mod.build_engagement_index(eng, {"q0": 0, "q1": 1, "q2": 2}, {"a": 0, "b": 1}, 1.0, 1, 50)
+    has = np.diff(ix.offsets) > 0
+    nb = click_mod.QueryNeighbours(texts, None, has, n_neighbors=5, min_similarity=0.5)
+    hits = click_mod.search(ix, nb, np.array([1, 2]), 10, neighbor_weight=0.5)
+    assert set(hits.idx[0][hits.idx[0] >= 0].tolist()) == {0, 1}  # the tail query borrows q0's items
+    assert (hits.idx[1] < 0).all()  # an unrelated query borrows nothing
+
+
+def test_mining_report_on_tiny_world_reports_overlap_and_coverage(mined):
+    _, summary = mined
+    rep = summary["report"]
+    assert set(rep["overlap"]) == {"bm25&ann", "bm25&click", "ann&click"}
+    assert all(0 <= v["jaccard"] <= v["overlap"] <= 1 for v in rep["overlap"].values())
+    assert rep["candidates_per_query"]["min"] >= 1
+    assert sum(r["queries"] for r in rep["click_coverage"]) == rep["candidates_per_query"]["of_queries"]
+
+
+def test_bad_mining_config_and_empty_workspace_errors(tmp_path):
+    with pytest.raises(ValueError, match="channels must"):
+        MiningConfig(channels=[])
+    with Store.open(tmp_path / "empty") as s:
+        with pytest.raises(ValueError, match="no products; run `assay ingest` first"):
+            mine(MiningConfig(), s, progress=False)
