@@ -29,7 +29,7 @@ teachers_app = typer.Typer(no_args_is_help=True, help="Train the cascade's class
 app.add_typer(teachers_app, name="teachers")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="workspace directory [env ASSAY_WORKSPACE; ./workspace]")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file")
@@ -89,8 +89,10 @@ def simulate(
 
     ctx = Ctx(workspace, config, set_, quiet)
     out = out or ctx.workspace / "world"
-    summary = run_simulate(ctx.cfg.simulate, out, progress=not quiet)
-    summary = {"out": str(out), **summary}
+    with ctx.open() as store, store.run("simulate", {"simulate": ctx.cfg.simulate.model_dump(mode="json"),
+                                                     "out": str(out)}) as run_id:
+        summary = {"out": str(out), **run_simulate(ctx.cfg.simulate, out, progress=not quiet)}
+        store.finish_run(run_id, summary)
     _emit(summary, as_json, lambda s: _kv_table(f"simulated world -> {out}", s))
     if not as_json:
         console.print(f"next: assay ingest {out} --workspace {ctx.workspace}")
