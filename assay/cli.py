@@ -47,6 +47,10 @@ class Ctx:
             self.cfg: AssayConfig = load_config(config, overrides or [])
         except ConfigError as e:
             _fail(str(e))
+        # torch, faiss and numba read these when first imported (below, lazily, per command):
+        # one thread per core we were given, never more, or OpenMP spin-waits oversubscribe the CPU
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ.setdefault(var, str(self.cfg.store.threads))
 
     def open(self, read_only: bool = False) -> Store:
         try:
