@@ -60,6 +60,18 @@ class Ctx:
             _fail(str(e))
 
 
+STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError)
+
+
+def _stage(ctx: "Ctx", fn, read_only: bool = False):
+    """Open the workspace, run one stage function on it, and turn its errors into a clear exit."""
+    with ctx.open(read_only=read_only) as store:
+        try:
+            return fn(store)
+        except STAGE_ERRORS as e:
+            _fail(str(e).strip("'\""))
+
+
 def _setup_logging(quiet: bool) -> None:
     from rich.logging import RichHandler
 
@@ -129,14 +141,8 @@ def ingest(
         except ValueError:
             _fail(f"--map {m!r} must look like table.target=source (e.g. products.title=product_name)")
         colmap.setdefault(table, {})[target] = src
-    store = ctx.open()
-    try:
-        summary = ingest_mod.run(ctx.cfg.ingest, store, path=path, files=files or None, fmt=fmt,
-                                 column_map=colmap, progress=not quiet)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        _fail(str(e))
-    finally:
-        store.close()
+    summary = _stage(ctx, lambda store: ingest_mod.run(ctx.cfg.ingest, store, path=path, files=files or None, fmt=fmt,
+                                                         column_map=colmap, progress=not quiet))
     _emit(summary, as_json, _render_ingest)
 
 
@@ -168,13 +174,7 @@ def mine(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = Conf
     from assay.mining import run as run_mining
 
     ctx = Ctx(workspace, config, set_, quiet)
-    store = ctx.open()
-    try:
-        summary = run_mining(ctx.cfg.mining, store, ctx.cfg.models, progress=not quiet)
-    except (ValueError, KeyError) as e:
-        _fail(str(e))
-    finally:
-        store.close()
+    summary = _stage(ctx, lambda store: run_mining(ctx.cfg.mining, store, ctx.cfg.models, progress=not quiet))
     _emit(summary, as_json, _render_mine)
 
 
@@ -233,11 +233,7 @@ def teachers_train(judge: Optional[list[str]] = typer.Option(None, "--judge", he
     from assay.annotate import teachers
 
     ctx = Ctx(workspace, config, set_, quiet)
-    with ctx.open() as store:
-        try:
-            s = teachers.run(ctx.cfg.annotate, store, only=judge, progress=not quiet)
-        except (ValueError, KeyError) as e:
-            _fail(str(e))
+    s = _stage(ctx, lambda store: teachers.run(ctx.cfg.annotate, store, only=judge, progress=not quiet))
     _emit(s, as_json, lambda s: _kv_table(f"teachers trained on {s['train_pairs']:,} pairs", s["judges"]))
 
 
@@ -248,11 +244,7 @@ def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
     from assay.annotate import fit
 
     ctx = Ctx(workspace, config, set_, quiet)
-    with ctx.open() as store:
-        try:
-            s = fit.run(ctx.cfg.annotate, store, progress=not quiet)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-            _fail(str(e))
+    s = _stage(ctx, lambda store: fit.run(ctx.cfg.annotate, store, progress=not quiet))
     def render(s: dict) -> None:
         t = Table(title=f"calibration on {s['calib_pairs']:,} pairs (target agreement {s['target_agreement']:.3f}, "
                         f"{s['target_source']})")
@@ -275,11 +267,8 @@ def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the co
     from assay.annotate import batches
 
     ctx = Ctx(workspace, config, set_, quiet)
-    with (ctx.open(read_only=True) if dry_run else ctx.open()) as store:
-        try:
-            s = batches.run(ctx.cfg.annotate, store, progress=not quiet, dry_run=dry_run)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-            _fail(str(e))
+    s = _stage(ctx, lambda store: batches.run(ctx.cfg.annotate, store, progress=not quiet, dry_run=dry_run),
+               read_only=dry_run)
     def render(s: dict) -> None:
         if s.get("dry_run"):
             t = Table(title=f"annotate --dry-run: {s['to_annotate']:,} pairs to annotate "
@@ -303,11 +292,7 @@ def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
     from assay.annotate import agreement as agr
 
     ctx = Ctx(workspace, config, set_, quiet)
-    with ctx.open() as store:
-        try:
-            s = agr.run(ctx.cfg.annotate, store, progress=not quiet)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-            _fail(str(e))
+    s = _stage(ctx, lambda store: agr.run(ctx.cfg.annotate, store, progress=not quiet))
     def render(s: dict) -> None:
         t = Table(title=f"agreement with held-out human labels ({s['pairs']:,} eval pairs)")
         for c in ("judge", "accuracy", "QWK", "judge-seconds", "decided share", "accuracy on share"):
