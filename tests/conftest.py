@@ -64,3 +64,56 @@ def mined_master(tiny_workspace_master, tmp_path_factory):
     with Store.open(ws) as store:
         summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(), progress=False)
     return ws, summary
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(log_path: Path, port: int | None = None, timeout_s: float = 120.0):
+    """Start a real llama.cpp OpenAI-compatible server (llama-cpp-python) on loopback with the
+    packaged SmolLM2 GGUF. Returns (process, base_url); stop it with stop_process()."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from assay.models import resolve
+
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve("smollm2-135m").path, "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            pytest.fail(f"llama_cpp.server did not answer in {timeout_s:.0f} s:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop_process(proc, kill: bool = False) -> None:
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.kill() if kill else proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

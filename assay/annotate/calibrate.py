@@ -182,6 +182,18 @@ def ece(probs, grades, n_bins: int = 15) -> float:
     return float(total / len(p))
 
 
+def brier(probs, grades) -> float:
+    """Multi-class Brier score: mean squared distance between the probability vector and the
+    one-hot human grade (lower is better; per-class isotonic minimises its per-class terms)."""
+    p = _check_probs(probs)
+    g = _check_grades(grades, len(p))
+    ok = ~np.isnan(p).any(axis=1) & (g >= 0)
+    if not ok.any():
+        return float("nan")
+    onehot = np.eye(N_GRADES)[g[ok]]
+    return float(((p[ok] - onehot) ** 2).sum(axis=1).mean())
+
+
 def accuracy(pred, truth) -> float:
     """Share of exact grade matches; ``pred`` is grades (n,) or probabilities (n, 5)."""
     p, t = _pair_up(pred, truth)

@@ -1,0 +1,115 @@
+"""`assay calibrate`: calibrate every judge and fit the cascade's thresholds on the calib split.
+
+Reads the human ``calib`` split. For each judge: runs it on every calibration pair, fits a
+per-class isotonic calibrator (``artifacts/teachers/<judge>/calibrator.json``) and reports the
+expected calibration error before and after. Then fits per-grade thresholds for the target
+agreement (assay.annotate.cascade.fit_thresholds) and replays the cascade on the same pairs to
+measure how far pairs travel (each judge's reach) and what a pair costs at each judge. All of it
+goes to ``artifacts/teachers/cascade.json``; `annotate --dry-run` reads it for its estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+
+from assay.annotate import calibrate as cal_mod
+from assay.annotate.cascade import NEVER, fit_thresholds, route
+from assay.annotate.pairs import human_pairs
+from assay.annotate.runtime import calibrator_file, cascade_file, cascade_sha
+from assay.config import AnnotateConfig
+from assay.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def prepare_judges(cfg: AnnotateConfig, store: Store) -> list:
+    """Load every judge; prompted judges with few_shot > 0 get examples from the train split
+    (one per grade in turn, deterministic), the same in calibrate, annotate and agreement."""
+    from assay.annotate.judges import load_judge
+
+    judges = []
+    for j in cfg.judges:
+        judge = load_judge(j, store.artifacts)
+        if getattr(j, "few_shot", 0) and hasattr(judge, "set_examples"):
+            judge.set_examples(few_shot_examples(store, j.few_shot))
+        judges.append(judge)
+    return judges
+
+
+def few_shot_examples(store: Store, n: int) -> list[dict]:
+    try:
+        pairs, grades = human_pairs(store, "train")
+    except ValueError:
+        return []
+    by_grade: dict[int, list] = {}
+    for p, g in zip(pairs, grades.tolist()):
+        by_grade.setdefault(g, []).append(p)
+    out, i = [], 0
+    while len(out) < n and any(by_grade.values()):
+        g = [4, 0, 2, 1, 3][i % 5]
+        if by_grade.get(g):
+            p = by_grade[g].pop(0)
+            out.append({"query": p.query, "title": p.title, "grade": g})
+        i += 1
+    return out
+
+
+def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None) -> dict:
+    pairs, y = human_pairs(store, "calib")
+    judges = judges or prepare_judges(cfg, store)
+    summary: dict = {"calib_pairs": len(pairs), "judges": {}}
+    calibrated, latency = [], []
+    with store.run("calibrate", {"annotate": cfg.model_dump(mode="json")}) as run_id:
+        for jcfg, judge in zip(cfg.judges, judges):
+            t0 = time.perf_counter()
+            out = judge.predict(pairs, progress=progress)
+            secs = time.perf_counter() - t0
+            ok = out.ok
+            if ok.sum() < 10:
+                raise ValueError(f"judge {jcfg.name!r} graded only {int(ok.sum())} of {len(pairs)} calibration pairs; "
+                                 "check its model/backend before calibrating")
+            calibrator = cal_mod.IsotonicCalibrator().fit(out.probs[ok], y[ok])
+            calibrator.save(calibrator_file(store.artifacts, jcfg.name))
+            cp = calibrator.transform(out.probs)
+            calibrated.append(cp)
+            latency.append(float(np.nanmean(out.latency_ms)))
+            summary["judges"][jcfg.name] = {
+                "kind": jcfg.kind, "graded": int(ok.sum()), "parse_status": _counts(out.parse_status),
+                "ece_before": round(cal_mod.ece(out.probs, y), 4), "ece_after": round(cal_mod.ece(cp, y), 4),
+                "brier_before": round(cal_mod.brier(out.probs, y), 4), "brier_after": round(cal_mod.brier(cp, y), 4),
+                "accuracy": round(cal_mod.accuracy(cp.argmax(axis=1)[ok], y[ok]), 4),
+                "ms_per_pair": round(latency[-1], 2), "seconds": round(secs, 1)}
+        accs = [summary["judges"][j.name]["accuracy"] for j in cfg.judges]
+        target = cfg.target_agreement or max(accs)
+        th = [fit_thresholds(cp, y, target) for cp in calibrated]
+        dec = route(calibrated, [j.name for j in cfg.judges], th)
+        reach = dec.reached.mean(axis=1)
+        ok = dec.grade >= 0
+        summary.update({
+            "target_agreement": round(float(target), 4), "target_source": "config" if cfg.target_agreement else "best judge",
+            "thresholds": {j.name: [None if t >= NEVER else round(float(t), 4) for t in t_]
+                           for j, t_ in zip(cfg.judges, th)},
+            "reach": {j.name: round(float(r), 4) for j, r in zip(cfg.judges, reach)},
+            "cascade_accuracy_on_calib": round(cal_mod.accuracy(dec.grade[ok], y[ok]), 4),
+            "decided_by": _counts([str(b) for b in dec.decided_by]),
+            "ms_per_pair": {j.name: round(v, 2) for j, v in zip(cfg.judges, latency)},
+        })
+        cf = cascade_file(store.artifacts)
+        cf.parent.mkdir(parents=True, exist_ok=True)
+        cf.write_text(json.dumps({k: summary[k] for k in ("target_agreement", "target_source", "thresholds", "reach",
+                                                          "ms_per_pair", "cascade_accuracy_on_calib")}, indent=1))
+        summary["cascade_sha"] = cascade_sha(cfg, store.artifacts)
+        summary["run_id"] = run_id
+        store.finish_run(run_id, summary)
+    return summary
+
+
+def _counts(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out

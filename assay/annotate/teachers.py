@@ -1,0 +1,44 @@
+"""`assay teachers train`: fine-tune the cascade's classifier judges on the human train split.
+
+Reads ``human_labels`` (split ``train``; the median grade per pair) with the query and product
+text. Writes each classifier judge's weights and manifest to ``artifacts/teachers/<judge>/model/``.
+Prompted judges need no training and are skipped (reported as such).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from assay.annotate.judges import get_judge
+from assay.annotate.pairs import human_pairs
+from assay.config import AnnotateConfig
+from assay.store import Store
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("cross_encoder", "llm_classifier")
+
+
+def run(cfg: AnnotateConfig, store: Store, *, only: list[str] | None = None, progress: bool = True) -> dict:
+    names = [j.name for j in cfg.judges]
+    for n in only or []:
+        if n not in names:
+            raise KeyError(f"Unknown judge {n!r}. Available: {names}")
+    pairs, grades = human_pairs(store, "train")
+    out: dict = {"train_pairs": len(pairs), "judges": {}}
+    with store.run("teachers", {"annotate": cfg.model_dump(mode="json"), "only": only}) as run_id:
+        for j in cfg.judges:
+            if only and j.name not in only:
+                continue
+            if j.kind not in TRAINABLE:
+                out["judges"][j.name] = {"kind": j.kind, "trained": False, "reason": "prompted judges are not trained"}
+                continue
+            t0 = time.perf_counter()
+            info = get_judge(j.kind).train(j, pairs, grades, store.artifacts, progress=progress)
+            out["judges"][j.name] = {"kind": j.kind, "trained": True, "seconds": round(time.perf_counter() - t0, 1),
+                                     **{k: v for k, v in info.items() if k not in ("config",)}}
+            log.info("trained %s (%s) on %d pairs in %.0fs", j.name, j.kind, len(pairs), time.perf_counter() - t0)
+        out["run_id"] = run_id
+        store.finish_run(run_id, out)
+    return out
