@@ -1,0 +1,225 @@
+"""OpenAI-compatible backend: OpenAI, ``vllm serve``, ``llama_cpp.server`` through the ``openai`` client.
+
+Each prompt is one chat request (user message), temperature 0, ``max_tokens=cfg.max_tokens``,
+``logprobs=True, top_logprobs=5``, and structured output. At most ``cfg.concurrency`` requests are
+in flight (an ``asyncio.Semaphore``); each has a hard limit of ``cfg.timeout_s``.
+
+Retries: 429, 408/409, 5xx, timeouts and connection errors are retried up to ``cfg.max_retries``
+times with exponential backoff and full jitter (``backoff_s * 2**attempt``, capped at ``max_backoff_s``,
+at least a ``Retry-After`` the server sends). The client's own retries are off, so the retries counted
+are ours. A prompt that still fails returns ``Completion(text=None, error=...)``; nothing is raised.
+
+Request options are stepped down when a server rejects them (400/422, or a 5xx whose message names
+``response_format`` or ``logprobs``, as ``llama_cpp.server`` sends): first ``logprobs`` when the
+error names them, else the response format, from ``json_schema`` to ``json_object`` with the schema
+(the llama.cpp / Anyscale extension), to plain ``json_object``, to none; the level that worked is
+remembered for the next requests. An error that persists at every level (a prompt too long for the
+context, say) fails that prompt only and changes nothing.
+
+The API key is read from the environment variable ``cfg.api_key_env`` (``sk-no-key`` when unset, for
+local servers). It is passed to the client only; it is never logged or stored.
+
+:meth:`OpenAIBackend.complete` is synchronous: it runs :meth:`acomplete` in a fresh event loop with
+``asyncio.run``; called from a thread that already runs a loop (a notebook, an async app) it runs
+that loop in a worker thread and blocks until done. Async callers use ``await backend.acomplete(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+import time
+
+from assay.annotate.backends import GRADE_SCHEMA, Completion
+from assay.annotate.parse import grade_token_logprobs
+
+log = logging.getLogger(__name__)
+
+# response_format levels, strictest first
+FORMATS = ("json_schema", "json_object_schema", "json_object", "none")
+TOP_LOGPROBS = 5
+_RETRY_STATUS = {408, 409, 429}
+
+
+def _response_format(level: str) -> dict | None:
+    if level == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "grade", "strict": True, "schema": GRADE_SCHEMA}}
+    if level == "json_object_schema":
+        return {"type": "json_object", "schema": GRADE_SCHEMA}
+    if level == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+class _Fatal(Exception):
+    """A non-retryable error at every option level."""
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, cfg, backoff_s: float = 0.5, max_backoff_s: float = 20.0, top_logprobs: int = TOP_LOGPROBS):
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise ImportError("the 'openai' backend needs the openai client: pip install openai") from None
+        self.cfg = cfg
+        self.model = cfg.model
+        self.model_id = f"{cfg.model}@openai"
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.top_logprobs = top_logprobs
+        self._format_level = 0  # index into FORMATS; only ever goes down (up the index)
+        self._logprobs = True
+        self.stats = {"requests": 0, "retries": 0, "failed": 0, "downgrades": 0}
+
+    # -- public ---------------------------------------------------------------------------------------
+    def complete(self, prompts: list[str]) -> list[Completion]:
+        """One Completion per prompt, in order. Synchronous; see the module docstring."""
+        if not prompts:
+            return []
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.acomplete(prompts))
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:  # called from inside a running loop
+            return ex.submit(asyncio.run, self.acomplete(prompts)).result()
+
+    async def acomplete(self, prompts: list[str]) -> list[Completion]:
+        import openai
+
+        key = os.environ.get(self.cfg.api_key_env) or "sk-no-key"
+        client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0,
+                                    timeout=self.cfg.timeout_s)
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        try:
+            return list(await asyncio.gather(*(self._one(client, sem, p, key) for p in prompts)))
+        finally:
+            await client.close()
+
+    def close(self) -> None:
+        """Nothing held between calls (each ``complete`` opens and closes its client)."""
+
+    # -- one prompt -----------------------------------------------------------------------------------
+    async def _one(self, client, sem, prompt: str, key: str) -> Completion:
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                resp = await self._with_retries(client, prompt)
+            except Exception as e:  # the contract: a failed prompt is returned, never raised
+                self.stats["failed"] += 1
+                err = _describe(e).replace(key, "***") if key else _describe(e)
+                log.warning("prompt failed after retries: %s", err)
+                return Completion(None, None, None, (time.perf_counter() - t0) * 1e3, err)
+            ms = (time.perf_counter() - t0) * 1e3
+        choice = resp.choices[0] if resp.choices else None
+        text = choice.message.content if choice is not None and choice.message is not None else None
+        usage = getattr(resp, "usage", None)
+        tokens = getattr(usage, "total_tokens", None) if usage is not None else None
+        return Completion(text if text is not None else "", _logprobs_of(choice), tokens, ms, None)
+
+    async def _with_retries(self, client, prompt: str):
+        import openai
+
+        attempt = 0
+        while True:
+            try:
+                return await self._with_fallbacks(client, prompt)
+            except (openai.APIConnectionError, asyncio.TimeoutError) as e:  # APITimeoutError included
+                retry_after = None
+                err: Exception = e
+            except openai.APIStatusError as e:
+                if not (e.status_code in _RETRY_STATUS or e.status_code >= 500):
+                    raise
+                retry_after = _retry_after(e)
+                err = e
+            if attempt >= self.cfg.max_retries:
+                raise err
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, self.max_backoff_s))
+            attempt += 1
+            self.stats["retries"] += 1
+            log.debug("retry %d/%d in %.2fs after %s", attempt, self.cfg.max_retries, delay, _describe(err))
+            await asyncio.sleep(delay)
+
+    async def _with_fallbacks(self, client, prompt: str):
+        """One attempt; on a 400/422 that names our options, step them down and try again."""
+        import openai
+
+        level, logprobs = self._format_level, self._logprobs
+        first_error = None
+        while True:
+            try:
+                resp = await self._request(client, prompt, FORMATS[level], logprobs)
+            except openai.APIStatusError as e:
+                if not _rejects_option(e):
+                    raise
+                first_error = first_error or e
+                msg = _describe(e).lower()
+                if logprobs and ("logprob" in msg or level == len(FORMATS) - 1):
+                    logprobs = False
+                elif level < len(FORMATS) - 1:
+                    level += 1
+                else:
+                    raise first_error
+                continue
+            if (level, logprobs) != (self._format_level, self._logprobs):
+                if level > self._format_level or logprobs != self._logprobs:
+                    self.stats["downgrades"] += 1
+                    log.info("server %s rejected %s; using response_format=%s, logprobs=%s",
+                             self.cfg.base_url or "api.openai.com", _describe(first_error), FORMATS[level], logprobs)
+                self._format_level = max(self._format_level, level)
+                self._logprobs = self._logprobs and logprobs
+            return resp
+
+    async def _request(self, client, prompt: str, fmt: str, logprobs: bool):
+        kwargs: dict = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                        "temperature": 0, "max_tokens": self.cfg.max_tokens}
+        rf = _response_format(fmt)
+        if rf is not None:
+            kwargs["response_format"] = rf
+        if logprobs:
+            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
+        self.stats["requests"] += 1
+        return await asyncio.wait_for(client.chat.completions.create(**kwargs, timeout=self.cfg.timeout_s),
+                                      timeout=self.cfg.timeout_s)
+
+
+def _logprobs_of(choice) -> dict[str, float] | None:
+    lp = getattr(choice, "logprobs", None) if choice is not None else None
+    content = getattr(lp, "content", None) if lp is not None else None
+    if not content:
+        return None
+    seq = [(t.token, t.logprob, {x.token: x.logprob for x in (t.top_logprobs or [])}) for t in content]
+    return grade_token_logprobs(seq)
+
+
+def _rejects_option(e) -> bool:
+    """A 400/422, or a 5xx whose message names our options (llama_cpp.server answers its request
+    validation errors with 500)."""
+    if e.status_code in (400, 422):
+        return True
+    msg = str(e).lower()
+    return e.status_code >= 500 and any(k in msg for k in ("response_format", "json_schema", "logprob"))
+
+
+def _retry_after(e) -> float | None:
+    try:
+        v = e.response.headers.get("retry-after")
+        return float(v) if v is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _describe(e: BaseException | None) -> str:
+    if e is None:
+        return ""
+    if isinstance(e, asyncio.TimeoutError):
+        return "TimeoutError: no answer within the timeout"
+    status = getattr(e, "status_code", None)
+    msg = str(e) or e.__class__.__name__
+    return f"{e.__class__.__name__}{f' ({status})' if status else ''}: {msg[:300]}"
