@@ -214,6 +214,13 @@ class Store:
         return self._lock is None
 
     @property
+    def compute_threads(self) -> int:
+        """Threads for torch, faiss and numba work: store.threads, capped by OMP_NUM_THREADS /
+        NUMBA_NUM_THREADS when set (they share one OpenMP runtime; mixing counts oversubscribes)."""
+        caps = [int(v) for v in (os.environ.get("OMP_NUM_THREADS"), os.environ.get("NUMBA_NUM_THREADS")) if v]
+        return max(1, min([self.threads, *caps]))
+
+    @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 

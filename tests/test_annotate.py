@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 JUDGES = [
     dict(name="ce-fast", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=48, batch_size=64, epochs=2,
          max_train_pairs=500, learning_rate=3e-4),
-    dict(name="ce-full", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=64, batch_size=64, epochs=3,
-         learning_rate=3e-4),
+    dict(name="ce-full", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=64, batch_size=64, epochs=2,
+         max_train_pairs=900, learning_rate=3e-4),
 ]
 
 
@@ -153,7 +153,7 @@ def test_agreement_report(calibrated):
         assert 0.4 < j["accuracy"] <= 1 and np.array(j["confusion"]).sum() == j["n"]
     assert c["judge_seconds"] < rep["judges"]["ce-fast"]["judge_seconds"] + rep["judges"]["ce-full"]["judge_seconds"]
     assert 0 < c["compute_vs_last_judge"] < 2
-    assert abs(sum(v["share"] for v in c["coverage"].values()) - 1) < 1e-6
+    assert abs(sum(v["share"] for v in c["coverage"].values()) - 1) < 1e-3  # shares are rounded to 4 places
     folder = os.path.dirname(rep["report"])
     for f in ("report.html", "report.json", "compute.png", "confusion_cascade.png", "confusion_ce-full.png"):
         assert os.path.getsize(os.path.join(folder, f)) > 0

@@ -14,16 +14,14 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
+from conftest import free_port
 
 from assay.annotate.backends import Completion, backend_class, get_backend
 from assay.annotate.backends.openai import OpenAIBackend
@@ -294,45 +292,15 @@ def test_injected_titles_do_not_raise_grades(local_judge):
 # ----------------------------------------------------------------------------------------------------
 # openai backend against a real llama.cpp server
 # ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
-    from assay.models import resolve
+    from conftest import start_llama_server, stop_process
 
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve("smollm2-135m").path, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    proc, url = start_llama_server(tmp_path_factory.mktemp("llama_server") / "server.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer in 120 s:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 BATCH = RELEVANT + IRRELEVANT + [Pair("q8", "i8", "usb c cable 6ft", "Anker USB-C to USB-C cable, 6 ft, braided")]
@@ -479,7 +447,7 @@ def test_retries_timeouts_and_failed_calls_do_not_break_the_batch():
 
 
 def test_unreachable_server_fails_every_pair_without_raising():
-    cfg = prompted_cfg(backend="openai", base_url=f"http://127.0.0.1:{_free_port()}/v1", model="fake",
+    cfg = prompted_cfg(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="fake",
                        timeout_s=2, max_retries=1)
     backend = get_backend(cfg, backoff_s=0.01)
     comps = backend.complete(["a", "b", "c"])

@@ -155,7 +155,7 @@ def _bm25_searcher(lz: _Lazy) -> Callable[[np.ndarray], Hits]:
         index = BM25Index.build(lz.catalog.texts, c.tokenizer, c.k1, c.b, c.backend, progress=lz.progress)
         index.save(d)
         lz.stats["bm25_index"] = {"reused": False, "path": str(d), "build_seconds": round(time.perf_counter() - t, 2)}
-    threads = lz.store.threads
+    threads = lz.store.compute_threads
     return lambda qidx: index.search([lz.queries.texts[i] for i in qidx], lz.cfg.k, threads=threads)
 
 
@@ -163,7 +163,7 @@ def _ann_searcher(lz: _Lazy) -> Callable[[np.ndarray], Hits]:
     import faiss
 
     a = lz.cfg.ann
-    faiss.omp_set_num_threads(lz.store.threads)
+    faiss.omp_set_num_threads(lz.store.compute_threads)
     vecs = lz.item_vecs()
     kind = ann_mod.choose_kind(a.index, len(vecs), a.exact_max_items)
     enc = lz.encoder()
