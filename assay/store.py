@@ -36,7 +36,7 @@ import duckdb
 import pyarrow as pa
 
 from assay import __version__
-from assay.records import ALL_TABLES, TableSchema, get_schema
+from assay.records import get_schema
 
 log = logging.getLogger(__name__)
 
@@ -421,9 +421,6 @@ class Store:
         if "created_at" not in rows.column_names:
             rows = rows.append_column("created_at", pa.array([_now()] * rows.num_rows, pa.timestamp("us")))
         return self.write("rejects", rows)
-
-    def tables(self) -> dict[str, TableSchema]:
-        return dict(ALL_TABLES)
 
 
 def _sql_str(path: Path) -> str:

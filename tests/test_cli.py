@@ -80,3 +80,15 @@ def test_second_writer_from_the_cli_gets_a_clear_error(tmp_path):
 def test_ingest_without_input_is_a_clear_error(tmp_path):
     r = runner.invoke(app, ["ingest", "-w", str(tmp_path / "ws")])
     assert r.exit_code == 2 and "nothing to ingest" in r.output
+
+
+def test_annotate_commands_explain_what_to_run_first(tiny_workspace):
+    ws = str(tiny_workspace)
+    r = runner.invoke(app, ["calibrate", "-w", ws, "-q"])
+    assert r.exit_code == 2 and "assay teachers train" in r.output
+    r = runner.invoke(app, ["annotate", "-w", ws, "-q", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    est = json.loads(r.output)
+    assert est["work"] == 0 and est["calibrated"] is False  # nothing mined yet: no work, and it says so
+    r = runner.invoke(app, ["teachers", "train", "-w", ws, "-q", "--judge", "nope"])
+    assert r.exit_code == 2 and "Unknown judge 'nope'" in r.output

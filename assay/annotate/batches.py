@@ -44,8 +44,7 @@ def _probs_array(p: np.ndarray) -> pa.Array:
     """(n, 5) float with NaN rows -> FLOAT[5] with nulls."""
     ok = ~np.isnan(p).any(axis=1)
     flat = pa.array(np.nan_to_num(p, nan=0.0).astype(np.float32).ravel(), pa.float32())
-    arr = pa.FixedSizeListArray.from_arrays(flat, N_GRADES)
-    return pa.FixedSizeListArray.from_arrays(flat, N_GRADES, mask=pa.array(~ok)) if (~ok).any() else arr
+    return pa.FixedSizeListArray.from_arrays(flat, N_GRADES, mask=pa.array(~ok))
 
 
 def annotate_batch(cascade: Cascade, pairs: list, *, batch_id: str, run_id: str) -> tuple[pa.Table, pa.Table, dict]:

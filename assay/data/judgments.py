@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from assay.store import Store
 
 
@@ -41,12 +39,3 @@ def relevant_sets(store: Store, query_ids: list[str], min_grade: int = 3) -> tup
             out.setdefault(q, set()).add(i)
     return ("human_labels" if rows else "none"), out
 
-
-def judged_grades(store: Store, query_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-    """Grades for pairs: the oracle's, else the human median (-1 where unjudged)."""
-    oracle = load_oracle(store)
-    if oracle is not None:
-        return oracle.grade(query_ids, item_ids)
-    rows = store.exec("SELECT query_id, item_id, round(median(grade)) FROM human_labels GROUP BY 1, 2")
-    lut = {(q, i): int(g) for q, i, g in rows}
-    return np.array([lut.get((q, i), -1) for q, i in zip(query_ids.tolist(), item_ids.tolist())], dtype=np.int8)
