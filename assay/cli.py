@@ -255,7 +255,10 @@ def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
             t.add_row(name, str(j["graded"]), f"{j['accuracy']:.3f}", f"{j['ece_before']:.3f}", f"{j['ece_after']:.3f}",
                       f"{j['ms_per_pair']:.1f}", f"{s['reach'][name]:.1%}", th)
         console.print(t)
-        console.print(f"cascade on calib: accuracy {s['cascade_accuracy_on_calib']:.3f}, decided by {s['decided_by']}")
+        console.print(f"cascade on calib: accuracy {s['cascade_accuracy_on_calib']:.3f} (target "
+                      f"{s['target_agreement']:.3f} - {s['agreement_tolerance']}, {s['target_source']}"
+                      f"{'' if s['target_met'] else ', NOT met: kept the most accurate thresholds'}), "
+                      f"{s['expected_ms_per_pair']:.1f} judge-ms per pair, decided by {s['decided_by']}")
     _emit(s, as_json, render)
 
 

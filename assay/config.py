@@ -209,6 +209,12 @@ class AnnotateConfig(Section):
     target_agreement: float | None = Field(
         None, gt=0, le=1, description="agreement with humans that `assay calibrate` fits thresholds for; None = the "
                                       "best single judge's calibrated accuracy on the calibration split")
+    agreement_tolerance: float = Field(
+        0.005, ge=0, le=1, description="how far below target_agreement the fitted cascade may land on the calibration "
+                                       "split in exchange for less compute (0.005 = half a point; the fit keeps the "
+                                       "cheapest threshold combination within it)")
+    min_support: int = Field(5, ge=1, description="calibration pairs a judge must accept for a grade before a threshold "
+                                                  "for that grade is fitted")
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
     sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
     max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")

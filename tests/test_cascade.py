@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from assay.annotate.cascade import NEVER, VOTE, fit_thresholds, route, vote
+from assay.annotate.cascade import NEVER, VOTE, fit_cascade, fit_thresholds, route, vote
 
 NAN = [np.nan] * 5
 
@@ -63,3 +63,48 @@ def test_fit_thresholds_reaches_target_precision_and_never_when_impossible():
     # a judge that is right only half the time never reaches 0.95
     th2 = fit_thresholds(P(*([[0.9, 0.1, 0, 0, 0]] * 40)), np.array([0, 1] * 20), target=0.95)
     assert th2[0] == NEVER
+
+
+def calibrated_judge(rng, y, lo, hi):
+    """Probabilities of a calibrated judge whose confidence is uniform on [lo, hi]: right with probability conf."""
+    n = len(y)
+    conf = rng.uniform(lo, hi, n)
+    top = np.where(rng.uniform(size=n) < conf, y, (y + rng.integers(1, 5, n)) % 5)
+    probs = np.repeat(((1 - conf) / 4)[:, None], 5, axis=1)
+    probs[np.arange(n), top] = conf
+    return probs.astype(np.float32)
+
+
+def test_fit_cascade_lets_the_cheap_judge_settle_what_it_is_sure_of():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 3000)
+    cheap = calibrated_judge(rng, y, 0.3, 1.0)  # about 0.65 accurate, often very sure
+    strong = calibrated_judge(rng, y, 0.6, 0.9)  # about 0.75 accurate
+    fit = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, tolerance=0.005)
+    assert fit.met_target and fit.accuracy >= 0.745
+    d = route([cheap, strong], ["cheap", "strong"], fit.thresholds)
+    assert np.isclose((d.grade == y).mean(), fit.accuracy)
+    assert (d.decided_by == "cheap").mean() > 0.2  # the cheap judge settles a real share...
+    assert fit.cost < 10.0 * 0.85  # ...so the cascade costs clearly less than the strong judge on everything
+    assert np.isclose(fit.cost, 1.0 + 10.0 * d.reached[1].mean())
+    # the same search by coordinate descent (the path for many judges) also meets the target
+    fit_cd = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, max_combinations=1)
+    assert fit_cd.met_target and fit_cd.cost <= 10.0
+    # free expensive judge: nothing to save, it can take every pair
+    free = fit_cascade([cheap, strong], y, costs=[1.0, 0.0], target=0.75)
+    assert free.met_target
+
+
+def test_fit_cascade_keeps_the_most_accurate_combination_when_the_target_is_out_of_reach():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 5, 1000)
+    a, b = calibrated_judge(rng, y, 0.3, 0.6), calibrated_judge(rng, y, 0.4, 0.7)
+    fit = fit_cascade([a, b], y, costs=[1.0, 2.0], target=0.99)
+    assert not fit.met_target
+    accs = []
+    for ta in (0.0, NEVER):
+        for tb in (0.0, NEVER):
+            th = [np.full(5, ta), np.full(5, tb)]
+            d = route([a, b], ["a", "b"], th)
+            accs.append((d.grade == y).mean())
+    assert fit.accuracy >= max(accs) - 1e-9

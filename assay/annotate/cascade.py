@@ -10,13 +10,19 @@ Routing, for judges in order (cheapest first):
    the grade ranked higher by the latest (most expensive) judge that graded the pair, then the
    lower grade (a conservative label). A pair no judge could grade is ``failed``.
 
-Threshold fitting (:func:`fit_thresholds`): for each judge and each grade c, the smallest
-threshold t such that, among calibration pairs whose top class is c with confidence >= t, the
-agreement with the human grade is at least ``target``; a grade where no threshold reaches the
-target (or with fewer than ``min_support`` pairs above it) gets ``NEVER`` (the judge never
-settles that grade). The target defaults to the last judge's own calibration accuracy, so the
-cascade aims to lose nothing against its strongest judge while cheap judges settle what they
-are sure of.
+Threshold fitting, two levels:
+
+- :func:`fit_thresholds` (one judge, one precision level tau): for each grade c, the smallest
+  threshold t such that, among calibration pairs whose top class is c with confidence >= t, the
+  agreement with the human grade is at least tau; a grade where no threshold reaches tau (or
+  with fewer than ``min_support`` pairs above it) gets ``NEVER`` (the judge never settles it).
+- :func:`fit_cascade` (all judges): searches one tau per judge, replays the cascade on the
+  calibration pairs for each combination, and keeps the cheapest one (expected judge-ms per
+  pair, from each judge's measured cost and reach) whose agreement with the humans is at least
+  ``target - tolerance``. The target defaults to the best single judge's calibrated accuracy, so
+  the cascade gives up at most ``tolerance`` against its strongest judge while cheap judges settle
+  what they are sure of. If no combination reaches it, the most accurate one is kept (and the
+  shortfall is reported). Ties on cost go to the more accurate combination.
 """
 
 from __future__ import annotations
@@ -88,16 +94,105 @@ def vote(calibrated: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     n = stack.shape[1]
     grade = np.full(n, -1, dtype=np.int8)
     out = np.full((n, 5), np.nan, dtype=np.float32)
-    for i in np.flatnonzero(counts > 0):
+    has = counts > 0
+    out[has] = mean[has]
+    grade[has] = mean[has].argmax(axis=1)  # argmax takes the lowest grade among exact ties
+    near = np.isclose(mean, mean.max(axis=1, keepdims=True), rtol=0, atol=1e-6).sum(axis=1) > 1
+    for i in np.flatnonzero(has & near):  # ties: the latest judge's preference, then the lower grade
         m = mean[i]
         best = np.flatnonzero(np.isclose(m, m.max(), rtol=0, atol=1e-6))
-        if len(best) > 1:
-            last = max(j for j in range(stack.shape[0]) if valid[j, i])
-            pref = stack[last, i, best]
-            best = best[np.isclose(pref, pref.max(), rtol=0, atol=1e-6)]
+        last = max(j for j in range(stack.shape[0]) if valid[j, i])
+        pref = stack[last, i, best]
+        best = best[np.isclose(pref, pref.max(), rtol=0, atol=1e-6)]
         grade[i] = best.min()
-        out[i] = m
     return grade, out
+
+
+@dataclass
+class CascadeFit:
+    thresholds: list[np.ndarray]
+    taus: list[float]  # precision level per judge (0 = accepts everything, NEVER = accepts nothing)
+    accuracy: float  # of the replayed cascade on the fitting pairs
+    cost: float  # expected judge-ms per pair
+    met_target: bool
+    searched: int  # combinations replayed
+
+
+def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float,
+                tolerance: float = 0.005, min_support: int = 5, grid: int = 16,
+                max_combinations: int = 20000) -> CascadeFit:
+    """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
+
+    ``costs`` are each judge's measured ms per pair; a judge's expected cost is its cost times the
+    share of pairs that reach it. Candidate levels per judge: ``grid`` quantiles of the precision
+    range the judge can reach, plus 0 (accept everything it grades) and NEVER (pass everything on).
+    The search is exhaustive up to ``max_combinations``, else coordinate descent from the
+    all-NEVER start (every pair voted by every judge)."""
+    import itertools
+
+    human = np.asarray(human)
+    names = [str(i) for i in range(len(calibrated))]
+    levels = [_tau_levels(p, human, grid) for p in calibrated]
+    cache: dict[tuple, tuple[float, float, list[np.ndarray]]] = {}
+    th_cache: dict[tuple[int, float], np.ndarray] = {}
+
+    def th_of(j: int, tau: float) -> np.ndarray:
+        if (j, tau) not in th_cache:
+            th_cache[(j, tau)] = (np.full(5, NEVER) if tau >= NEVER else
+                                  fit_thresholds(calibrated[j], human, tau, min_support) if tau > 0 else np.zeros(5))
+        return th_cache[(j, tau)]
+
+    def evaluate(taus: tuple) -> tuple[float, float, list[np.ndarray]]:
+        if taus not in cache:
+            th = [th_of(j, t) for j, t in enumerate(taus)]
+            d = route(calibrated, names, th)
+            ok = d.grade >= 0
+            acc = float((d.grade[ok] == human[ok]).mean()) if ok.any() else 0.0
+            cost = float(sum(c * r for c, r in zip(costs, d.reached.mean(axis=1))))
+            cache[taus] = (acc, cost, th)
+        return cache[taus]
+
+    goal = target - tolerance
+
+    def better(a: tuple, b: tuple | None) -> bool:
+        if b is None:
+            return True
+        (acc_a, cost_a, _), (acc_b, cost_b, _) = evaluate(a), evaluate(b)
+        meet_a, meet_b = acc_a >= goal - 1e-12, acc_b >= goal - 1e-12
+        if meet_a != meet_b:
+            return meet_a
+        if not meet_a:
+            return acc_a > acc_b + 1e-12 or (abs(acc_a - acc_b) <= 1e-12 and cost_a < cost_b)
+        return cost_a < cost_b - 1e-9 or (abs(cost_a - cost_b) <= 1e-9 and acc_a > acc_b)
+
+    best = None
+    if np.prod([len(lv) for lv in levels]) <= max_combinations:
+        for taus in itertools.product(*levels):
+            if better(taus, best):
+                best = taus
+    else:
+        best = tuple(NEVER for _ in levels)
+        for _ in range(4):
+            changed = False
+            for j, lv in enumerate(levels):
+                for t in lv:
+                    cand = best[:j] + (t,) + best[j + 1:]
+                    if better(cand, best):
+                        best, changed = cand, True
+            if not changed:
+                break
+    acc, cost, th = evaluate(best)
+    return CascadeFit(th, [float(t) for t in best], acc, cost, acc >= goal - 1e-12, len(cache))
+
+
+def _tau_levels(p: np.ndarray, human: np.ndarray, grid: int) -> list[float]:
+    """0, NEVER, and ``grid`` precision levels spread over the range one judge's accepted sets can reach."""
+    ok = ~np.isnan(p).any(axis=1)
+    if not ok.any():
+        return [NEVER]
+    acc = float((p[ok].argmax(axis=1) == human[ok]).mean())
+    hi = 1.0
+    return sorted({0.0, NEVER, *np.round(np.linspace(acc, hi, grid), 4).tolist()})
 
 
 def fit_thresholds(calibrated: np.ndarray, human: np.ndarray, target: float, min_support: int = 5) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 Reads the human ``calib`` split. For each judge: runs it on every calibration pair, fits a
 per-class isotonic calibrator (``artifacts/teachers/<judge>/calibrator.json``) and reports the
-expected calibration error before and after. Then fits per-grade thresholds for the target
-agreement (assay.annotate.cascade.fit_thresholds) and replays the cascade on the same pairs to
-measure how far pairs travel (each judge's reach) and what a pair costs at each judge. All of it
+expected calibration error before and after. Then fits per-grade thresholds: the cheapest
+cascade, in measured judge-ms per pair, whose replayed agreement on the calibration pairs is
+within ``agreement_tolerance`` of the target (assay.annotate.cascade.fit_cascade), and records
+how far pairs travel (each judge's reach) and what a pair costs at each judge. All of it
 goes to ``artifacts/teachers/cascade.json``; `annotate --dry-run` reads it for its estimate.
 """
 
@@ -17,7 +18,7 @@ import time
 import numpy as np
 
 from assay.annotate import calibrate as cal_mod
-from assay.annotate.cascade import NEVER, fit_thresholds, route
+from assay.annotate.cascade import NEVER, fit_cascade, route
 from assay.annotate.pairs import human_pairs
 from assay.annotate.runtime import calibrator_file, cascade_file, cascade_sha
 from assay.config import AnnotateConfig
@@ -85,12 +86,20 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
                 "ms_per_pair": round(latency[-1], 2), "seconds": round(secs, 1)}
         accs = [summary["judges"][j.name]["accuracy"] for j in cfg.judges]
         target = cfg.target_agreement or max(accs)
-        th = [fit_thresholds(cp, y, target) for cp in calibrated]
+        fit = fit_cascade(calibrated, y, latency, target, tolerance=cfg.agreement_tolerance,
+                          min_support=cfg.min_support)
+        th = fit.thresholds
+        if not fit.met_target:
+            log.warning("no threshold combination reaches agreement %.4f - %.4f on the calibration split; kept the "
+                        "most accurate one (%.4f)", target, cfg.agreement_tolerance, fit.accuracy)
         dec = route(calibrated, [j.name for j in cfg.judges], th)
         reach = dec.reached.mean(axis=1)
         ok = dec.grade >= 0
         summary.update({
             "target_agreement": round(float(target), 4), "target_source": "config" if cfg.target_agreement else "best judge",
+            "agreement_tolerance": cfg.agreement_tolerance, "target_met": fit.met_target,
+            "precision_levels": {j.name: None if t >= NEVER else t for j, t in zip(cfg.judges, fit.taus)},
+            "expected_ms_per_pair": round(fit.cost, 3), "combinations_searched": fit.searched,
             "thresholds": {j.name: [None if t >= NEVER else round(float(t), 4) for t in t_]
                            for j, t_ in zip(cfg.judges, th)},
             "reach": {j.name: round(float(r), 4) for j, r in zip(cfg.judges, reach)},
@@ -100,8 +109,10 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
         })
         cf = cascade_file(store.artifacts)
         cf.parent.mkdir(parents=True, exist_ok=True)
-        cf.write_text(json.dumps({k: summary[k] for k in ("target_agreement", "target_source", "thresholds", "reach",
-                                                          "ms_per_pair", "cascade_accuracy_on_calib")}, indent=1))
+        cf.write_text(json.dumps({k: summary[k] for k in ("target_agreement", "target_source", "agreement_tolerance",
+                                                          "target_met", "thresholds", "reach", "ms_per_pair",
+                                                          "expected_ms_per_pair", "cascade_accuracy_on_calib")},
+                                 indent=1))
         summary["cascade_sha"] = cascade_sha(cfg, store.artifacts)
         summary["run_id"] = run_id
         store.finish_run(run_id, summary)
