@@ -124,8 +124,8 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
     """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
 
     ``costs`` are each judge's measured ms per pair; a judge's expected cost is its cost times the
-    share of pairs that reach it. Candidate levels per judge: ``grid`` quantiles of the precision
-    range the judge can reach, plus 0 (accept everything it grades) and NEVER (pass everything on).
+    share of pairs that reach it. Candidate levels per judge: ``grid`` evenly spaced precision levels
+    from the judge's own accuracy to 1, plus 0 (accept everything it grades) and NEVER (pass everything on).
     The search is exhaustive up to ``max_combinations``, else coordinate descent from the
     all-NEVER start (every pair voted by every judge)."""
     import itertools
@@ -191,8 +191,7 @@ def _tau_levels(p: np.ndarray, human: np.ndarray, grid: int) -> list[float]:
     if not ok.any():
         return [NEVER]
     acc = float((p[ok].argmax(axis=1) == human[ok]).mean())
-    hi = 1.0
-    return sorted({0.0, NEVER, *np.round(np.linspace(acc, hi, grid), 4).tolist()})
+    return sorted({0.0, NEVER, *np.round(np.linspace(acc, 1.0, grid), 4).tolist()})
 
 
 def fit_thresholds(calibrated: np.ndarray, human: np.ndarray, target: float, min_support: int = 5) -> np.ndarray:
