@@ -86,3 +86,15 @@ class Judge(Protocol):
     prompt_sha: str  # sha of the template that renders its input
 
     def predict(self, pairs: list[Pair], progress: bool = False) -> JudgeOutput: ...
+
+
+def load_registered(registry: dict[str, tuple[str, str]], name: str, what: str):
+    """The class registered under ``name`` in a lazy registry of ``name -> (module, class)``; the
+    module is imported only now, so optional dependencies load only when used."""
+    import importlib
+
+    try:
+        module, cls = registry[name]
+    except KeyError:
+        raise KeyError(f"Unknown {what} {name!r}. Available: {sorted(registry)}") from None
+    return getattr(importlib.import_module(module), cls)

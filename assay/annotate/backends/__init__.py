@@ -23,8 +23,9 @@ The heavy dependency is imported only by the backend that uses it.
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple, Protocol, runtime_checkable
+
+from assay.annotate.base import load_registered
 
 GRADE_SCHEMA: dict = {
     "type": "object",
@@ -63,11 +64,7 @@ BACKENDS = {
 
 
 def backend_class(name: str):
-    try:
-        module, cls = BACKENDS[name]
-    except KeyError:
-        raise KeyError(f"Unknown backend {name!r}. Available: {sorted(BACKENDS)}") from None
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(BACKENDS, name, "backend")
 
 
 def get_backend(cfg, **kwargs) -> Backend:

@@ -7,8 +7,9 @@ the calibrator of a judge live in ``artifacts/teachers/<judge name>/``.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
+
+from assay.annotate.base import load_registered
 
 _KINDS = {
     "cross_encoder": ("assay.annotate.judges.cross_encoder", "CrossEncoderJudge"),
@@ -18,11 +19,7 @@ _KINDS = {
 
 
 def get_judge(kind: str):
-    try:
-        module, cls = _KINDS[kind]
-    except KeyError:
-        raise KeyError(f"Unknown judge {kind!r}. Available: {sorted(_KINDS)}") from None
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(_KINDS, kind, "judge")
 
 
 def teacher_dir(artifacts: Path, name: str) -> Path:
