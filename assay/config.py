@@ -210,9 +210,10 @@ class AnnotateConfig(Section):
         None, gt=0, le=1, description="agreement with humans that `assay calibrate` fits thresholds for; None = the "
                                       "best single judge's calibrated accuracy on the calibration split")
     agreement_tolerance: float = Field(
-        0.005, ge=0, le=1, description="how far below target_agreement the fitted cascade may land on the calibration "
-                                       "split in exchange for less compute (0.005 = half a point; the fit keeps the "
-                                       "cheapest threshold combination within it)")
+        0.01, ge=0, le=1, description="how far below target_agreement the fitted cascade may land on the calibration "
+                                      "split in exchange for less compute (0.01 = one point, the budget of Walmart's "
+                                      "cascade: -0.7 points for -50% compute; the fit keeps the cheapest threshold "
+                                      "combination within it; 0 = no accuracy traded)")
     min_support: int = Field(5, ge=1, description="calibration pairs a judge must accept for a grade before a threshold "
                                                   "for that grade is fitted")
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")

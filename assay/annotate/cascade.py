@@ -119,7 +119,7 @@ class CascadeFit:
 
 
 def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float,
-                tolerance: float = 0.005, min_support: int = 5, grid: int = 16,
+                tolerance: float = 0.01, min_support: int = 5, grid: int = 16,
                 max_combinations: int = 20000) -> CascadeFit:
     """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
 
