@@ -95,7 +95,9 @@ def _head_name(model: torch.nn.Module) -> str:
 
 class LLMClassifierJudge(ClassifierJudge):
     kind = "llm_classifier"
-    default_lr = 2e-4
+    # Measured on the demo world (4,179 train pairs, SmolLM2-135M, LoRA r=8): 2e-4 for 1 epoch reached
+    # 0.41 held-out accuracy (loss 1.46); 1e-3 for 1.5 epochs reached 0.62 (loss 0.84).
+    default_lr = 1e-3
     keep_tail = 16
     extra_train_fields = ("lora_r", "lora_alpha", "lora_dropout")
 
