@@ -80,18 +80,21 @@ def test_fit_cascade_lets_the_cheap_judge_settle_what_it_is_sure_of():
     y = rng.integers(0, 5, 3000)
     cheap = calibrated_judge(rng, y, 0.3, 1.0)  # about 0.65 accurate, often very sure
     strong = calibrated_judge(rng, y, 0.6, 0.9)  # about 0.75 accurate
-    fit = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, tolerance=0.005)
+    fit = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, tolerance=0.005, min_support=5)
     assert fit.met_target and fit.accuracy >= 0.745
     d = route([cheap, strong], ["cheap", "strong"], fit.thresholds)
     assert np.isclose((d.grade == y).mean(), fit.accuracy)
+    np.testing.assert_array_equal(fit.decisions.grade, d.grade)  # the fit returns the cascade it chose, replayed
+    np.testing.assert_array_equal(fit.decisions.reached, d.reached)
     assert (d.decided_by == "cheap").mean() > 0.2  # the cheap judge settles a real share...
     assert fit.cost < 10.0 * 0.85  # ...so the cascade costs clearly less than the strong judge on everything
     assert np.isclose(fit.cost, 1.0 + 10.0 * d.reached[1].mean())
     # the same search by coordinate descent (the path for many judges) also meets the target
-    fit_cd = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, max_combinations=1)
+    fit_cd = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=0.75, max_combinations=1, tolerance=0.01,
+                         min_support=5)
     assert fit_cd.met_target and fit_cd.cost <= 10.0
     # free expensive judge: nothing to save, it can take every pair
-    free = fit_cascade([cheap, strong], y, costs=[1.0, 0.0], target=0.75)
+    free = fit_cascade([cheap, strong], y, costs=[1.0, 0.0], target=0.75, tolerance=0.01, min_support=5)
     assert free.met_target
 
 
@@ -99,7 +102,7 @@ def test_fit_cascade_keeps_the_most_accurate_combination_when_the_target_is_out_
     rng = np.random.default_rng(2)
     y = rng.integers(0, 5, 1000)
     a, b = calibrated_judge(rng, y, 0.3, 0.6), calibrated_judge(rng, y, 0.4, 0.7)
-    fit = fit_cascade([a, b], y, costs=[1.0, 2.0], target=0.99)
+    fit = fit_cascade([a, b], y, costs=[1.0, 2.0], target=0.99, tolerance=0.01, min_support=5)
     assert not fit.met_target
     accs = []
     for ta in (0.0, NEVER):

@@ -116,13 +116,16 @@ class CascadeFit:
     cost: float  # expected judge-ms per pair
     met_target: bool
     searched: int  # combinations replayed
+    decisions: Decisions  # the chosen cascade replayed on the fitting pairs (reach, decided_by)
 
 
-def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float,
-                tolerance: float = 0.01, min_support: int = 5, grid: int = 16,
+def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float, *,
+                tolerance: float, min_support: int, names: list[str] | None = None, grid: int = 16,
                 max_combinations: int = 20000) -> CascadeFit:
     """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
 
+    ``tolerance`` and ``min_support`` come from the config (``annotate.agreement_tolerance``,
+    ``annotate.min_support``); ``names`` label ``decisions.decided_by`` (default: judge indices).
     ``costs`` are each judge's measured ms per pair; a judge's expected cost is its cost times the
     share of pairs that reach it. Candidate levels per judge: ``grid`` evenly spaced precision levels
     from the judge's own accuracy to 1, plus 0 (accept everything it grades) and NEVER (pass everything on).
@@ -131,7 +134,7 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
     import itertools
 
     human = np.asarray(human)
-    names = [str(i) for i in range(len(calibrated))]
+    names = names or [str(i) for i in range(len(calibrated))]
     levels = [_tau_levels(p, human, grid) for p in calibrated]
     cache: dict[tuple, tuple[float, float, list[np.ndarray]]] = {}
     th_cache: dict[tuple[int, float], np.ndarray] = {}
@@ -182,7 +185,8 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
             if not changed:
                 break
     acc, cost, th = evaluate(best)
-    return CascadeFit(th, [float(t) for t in best], acc, cost, acc >= goal - 1e-12, len(cache))
+    return CascadeFit(th, [float(t) for t in best], acc, cost, acc >= goal - 1e-12, len(cache),
+                      route(calibrated, names, th))
 
 
 def _tau_levels(p: np.ndarray, human: np.ndarray, grid: int) -> list[float]:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from assay.annotate import calibrate as cal_mod
-from assay.annotate.cascade import NEVER, fit_cascade, route
+from assay.annotate.cascade import NEVER, fit_cascade
 from assay.annotate.pairs import human_pairs
 from assay.annotate.runtime import calibrator_file, cascade_file, cascade_sha
 from assay.config import AnnotateConfig
@@ -87,14 +87,12 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
         accs = [summary["judges"][j.name]["accuracy"] for j in cfg.judges]
         target = cfg.target_agreement or max(accs)
         fit = fit_cascade(calibrated, y, latency, target, tolerance=cfg.agreement_tolerance,
-                          min_support=cfg.min_support)
-        th = fit.thresholds
+                          min_support=cfg.min_support, names=[j.name for j in cfg.judges])
+        th, dec = fit.thresholds, fit.decisions
         if not fit.met_target:
             log.warning("no threshold combination reaches agreement %.4f - %.4f on the calibration split; kept the "
                         "most accurate one (%.4f)", target, cfg.agreement_tolerance, fit.accuracy)
-        dec = route(calibrated, [j.name for j in cfg.judges], th)
         reach = dec.reached.mean(axis=1)
-        ok = dec.grade >= 0
         summary.update({
             "target_agreement": round(float(target), 4), "target_source": "config" if cfg.target_agreement else "best judge",
             "agreement_tolerance": cfg.agreement_tolerance, "target_met": fit.met_target,
@@ -103,7 +101,7 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
             "thresholds": {j.name: [None if t >= NEVER else round(float(t), 4) for t in t_]
                            for j, t_ in zip(cfg.judges, th)},
             "reach": {j.name: round(float(r), 4) for j, r in zip(cfg.judges, reach)},
-            "cascade_accuracy_on_calib": round(cal_mod.accuracy(dec.grade[ok], y[ok]), 4),
+            "cascade_accuracy_on_calib": round(fit.accuracy, 4),
             "decided_by": _counts([str(b) for b in dec.decided_by]),
             "ms_per_pair": {j.name: round(v, 2) for j, v in zip(cfg.judges, latency)},
         })
