@@ -316,6 +316,107 @@ def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
     _emit(s, as_json, render)
 
 
+# --------------------------------------------------------------------------- curriculum / train
+@app.command()
+def curriculum(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+               set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Sort the labeled mined pairs into five difficulty tiers with graded targets (the examples table)."""
+    from assay.curriculum import run as run_curriculum
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: run_curriculum(ctx.cfg.curriculum, store))
+    def render(s: dict) -> None:
+        t = Table(title=f"examples: {s['examples']:,} from {s['labeled']:,} labeled of {s['pairs']:,} mined pairs "
+                        f"(run {s['run_id']})")
+        tiers = list(s["by_tier"])
+        t.add_column("segment")
+        for name in tiers:
+            t.add_column(name, justify="right")
+        for seg, row in s["by_segment"].items():
+            t.add_row(seg, *[f"{row[n]:,}" for n in tiers])
+        t.add_row("all", *[f"{s['by_tier'][n]:,}" for n in tiers])
+        t.add_row("mean target", *[str(s["target_mean_by_tier"].get(n, "-")) for n in tiers])
+        console.print(t)
+        console.print(f"grades: {s['by_grade']}; split (examples): {s['by_split']}; queries: {s['queries']}; "
+                      f"{s['in_no_tier']:,} labeled pairs in no tier, {s['capped']:,} over the per-query caps, "
+                      f"{s['human_graded']:,} graded by humans")
+        for w in s["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}")
+    _emit(s, as_json, render)
+
+
+@app.command()
+def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only this curriculum stage (1-3)"),
+          baseline: Optional[str] = typer.Option(None, "--baseline", help="train a baseline instead: click, binary "
+                                                                          "or graded"),
+          workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+          set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Train the two-tower model through the curriculum stages (or one baseline); resumes a killed run.
+    Under `torchrun --nproc-per-node N` it trains data-parallel with in-batch negatives gathered across ranks."""
+    from assay.trainer import run_cli
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    try:
+        s = run_cli(ctx.cfg, ctx.workspace, stage=stage, baseline=baseline, progress=not quiet)
+    except (WorkspaceLocked, WorkspaceMissing, *STAGE_ERRORS) as e:
+        _fail(str(e).strip("'\""))
+    if s is None:  # ranks > 0 of a distributed run print nothing
+        return
+    def render(s: dict) -> None:
+        t = Table(title=f"train {s['run_id']} (world size {s['world_size']}; {s['data']['train_examples']:,} train "
+                        f"examples, {s['data']['val_queries']} validation queries)")
+        for c in ("phase", "loss/spec", "steps", "start val", "best val", "best step", "kept", "examples/s"):
+            t.add_column(c)
+        for name, p in s["phases"].items():
+            t.add_row(name, str(p.get("loss", "")), str(p["steps"]), f"{p['start_val']:.4f}", f"{p['best_val']:.4f}",
+                      str(p["best_step"]), "yes" if p["improved"] else "[yellow]skipped[/]",
+                      f"{p['examples_per_second']:.1f}")
+        console.print(t)
+        a = Table(title="ablation: validation NDCG@10 (cascade labels of validation queries)")
+        for c in ("model", "val NDCG@10", "steps"):
+            a.add_column(c)
+        for r in s["ablation"]:
+            a.add_row(r["model"], f"{r['val_ndcg10']:.4f}", str(r["steps"]))
+        console.print(a)
+        if s["skipped_stages"]:
+            console.print(f"[yellow]skipped (no validation gain):[/] {s['skipped_stages']}")
+        console.print(f"final checkpoint: {s['final_checkpoint'] or '(none kept)'}; report: {s['report']}")
+    _emit(s, as_json, render)
+
+
+@app.command()
+def evaluate(split: str = typer.Option("test", help="held-out queries: test (default) or val"),
+             checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", help="extra system NAME=PATH "
+                                                                                       "(repeatable)"),
+             workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+             set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """BM25, the base encoder, the curriculum model and the baselines retrieving from the whole catalog for
+    held-out queries: NDCG@10, recall, embarrassing rate, by segment (HTML + PNG report)."""
+    from assay.eval import run as run_eval
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    extra = {}
+    for c in checkpoint or []:
+        if "=" not in c:
+            _fail(f"--checkpoint {c!r} must look like NAME=PATH")
+        name, path = c.split("=", 1)
+        extra[name] = path
+    s = _stage(ctx, lambda store: run_eval(ctx.cfg, store, split=split, checkpoints=extra, progress=not quiet))
+    def render(s: dict) -> None:
+        segs = ["all"] + list(s["segments"])
+        for m in ("ndcg@10", "embarrassing@10", "recall@100"):
+            t = Table(title=f"{m} on {s['queries']} {s['split']} queries ({s['judgments']} judgments; "
+                            f"segments {s['segments']})")
+            t.add_column("system")
+            for g in segs:
+                t.add_column(g, justify="right")
+            for name, r in s["systems"].items():
+                t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
+            console.print(t)
+        console.print(f"report: {s['report']}")
+    _emit(s, as_json, render)
+
+
 # --------------------------------------------------------------------------- inspection
 @app.command()
 def summary(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,

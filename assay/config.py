@@ -241,6 +241,138 @@ class AnnotateConfig(Section):
         raise KeyError(f"Unknown judge {name!r}. Available: {[j.name for j in self.judges]}")
 
 
+class TierConfig(Section):
+    """The five tiers (ARCHITECTURE.md, "Five tiers, three stages"). A channel is *active* for a query when it
+    retrieved at least one candidate for that query (a tail query without engagement has no click candidates, so
+    easy_pos asks only for the channels that could have answered)."""
+
+    easy_pos_grade: int = Field(4, ge=0, le=4, description="easy_pos: least grade; also retrieved by every active channel")
+    hard_pos_grade: int = Field(3, ge=0, le=4, description="hard_pos: least grade")
+    hard_pos_lexical_top: int = Field(50, ge=1, description="hard_pos: within BM25's top-N and not retrieved by ANN")
+    hard_neg_grade: int = Field(1, ge=0, le=4, description="hard_neg: highest grade")
+    hard_neg_top: int = Field(100, ge=1, description="hard_neg: retrieved by exactly one channel within its top-N")
+    token_sim_neg_grade: int = Field(1, ge=0, le=4, description="token_sim_neg: highest cascade grade (where labeled)")
+    random_neg_grade: int = Field(1, ge=0, le=4, description="random_neg: highest cascade grade (where labeled)")
+
+
+class TargetConfig(Section):
+    """Graded targets: ``target = clip(mu*rel + lam*eng*1[grade >= 3] + nu*prior, 0, 1)``.
+
+    The defaults keep ``lam + nu`` below the gap between two grades (``mu/4``, less the expected-grade band), so
+    engagement and the prior only order items that share a grade and never lift one past a higher grade."""
+
+    mu: float = Field(0.85, ge=0, description="weight of relevance (grade / 4, or the expected grade / 4)")
+    lam: float = Field(0.1, ge=0, description="weight of per-query normalised log engagement, on grade >= 3 only")
+    nu: float = Field(0.05, ge=0, description="weight of the retrieval prior (in [0, 1])")
+    relevance: Literal["grade", "expected"] = Field(
+        "grade", description="rel = grade/4, or the calibrated expected grade sum(g*p_g)/4 kept within "
+                             "expected_band of the decided grade")
+    expected_band: float = Field(0.1, ge=0, lt=0.5, description="how far (in grades) the expected grade may move "
+                                                                "rel away from the decided grade")
+    engagement: Literal["clicks", "orders", "weighted"] = Field(
+        "weighted", description="engagement signal: clicks, orders, or clicks + 3*add_to_carts + 5*orders")
+
+    @model_validator(mode="after")
+    def _order(self) -> "TargetConfig":
+        band = self.expected_band if self.relevance == "expected" else 0.0
+        gap = self.mu * (1 - 2 * band) / 4
+        if self.lam + self.nu >= gap:
+            raise ValueError(f"lam + nu ({self.lam + self.nu:g}) must be < mu*(1-2*band)/4 ({gap:g}), or engagement "
+                             "and the prior could lift an item past one with a higher grade")
+        return self
+
+
+class CurriculumConfig(Section):
+    """`assay curriculum`: candidates + labels + negatives -> the examples table."""
+
+    tiers: TierConfig = Field(default_factory=TierConfig)
+    targets: TargetConfig = Field(default_factory=TargetConfig)
+    max_pos_per_query: int = Field(50, ge=1, description="positives (tiers 1-2) kept per query")
+    max_neg_per_query: int = Field(50, ge=1, description="negatives (tiers 3-5) kept per query")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="queries held for validation (checkpoint selection)")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="queries held out of training and validation "
+                                                              "(final evaluation only)")
+    seed: int = Field(13, description="split hash salt and the seed of per-query caps")
+    human_labels_override: bool = Field(True, description="a human grade (median over annotators) replaces the "
+                                                          "cascade's grade on the same pair")
+
+    @model_validator(mode="after")
+    def _split(self) -> "CurriculumConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1 (the rest trains)")
+        return self
+
+
+class StageConfig(Section):
+    """One curriculum stage: which tiers form its groups and which loss it trains."""
+
+    pos_tiers: list[int] = Field(..., description="tiers whose items are a group's positive")
+    neg_tiers: list[int] = Field(..., description="tiers whose items are a group's negatives")
+    loss: Literal["bce", "mnr", "triplet", "mixed"]
+    steps: int = Field(200, ge=0, description="step budget of the stage")
+    replay: float = Field(0.25, ge=0, le=1, description="share of each batch drawn from earlier stages' tiers")
+    learning_rate: float = Field(2e-5, gt=0)
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(pos_tiers=[1], neg_tiers=[5], loss="bce", replay=0.0),
+        StageConfig(pos_tiers=[2], neg_tiers=[3], loss="mnr"),
+        StageConfig(pos_tiers=[1, 2], neg_tiers=[4], loss="triplet"),
+    ]
+
+
+class TrainConfig(Section):
+    """`assay train`: the two-tower model, the three curriculum stages and the baselines."""
+
+    base_model: str | None = Field(None, description="encoder to start from; None = models.embedder")
+    shared_towers: bool = Field(True, description="one encoder for queries and items, or two")
+    projection_dim: int | None = Field(None, ge=8, description="linear projection after pooling (e.g. 256); None = none")
+    query_heads: int = Field(1, ge=1, description="query-tower heads (DPSR multi-head; 1 = a single vector)")
+    head_beta: float = Field(10.0, gt=0, description="soft-dot attention temperature over query heads")
+    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    batch_queries: int = Field(32, ge=2, description="queries per batch (one group each)")
+    group_size: int = Field(4, ge=2, description="items per query group: 1 positive + group_size-1 negatives")
+    random_negatives: int = Field(32, ge=0, description="random catalog items shared across a batch (mixed loss)")
+    mix_alpha: float = Field(0.5, ge=0, le=1, description="DPSR share of negative mass on random items (mixed loss)")
+    scale: float = Field(20.0, gt=0, description="softmax scale of the in-batch losses")
+    triplet_margin: float = Field(0.3, gt=0)
+    bce_scale_init: float = Field(20.0, gt=0, description="initial learnable temperature of the BCE loss")
+    query_max_length: int = Field(32, ge=4)
+    item_max_length: int = Field(64, ge=8)
+    item_chunk: int = Field(32, ge=0, description="items encoded per length-sorted chunk inside a batch (less "
+                                                  "padding; 0 = one chunk)")
+    freeze_word_embeddings: bool = Field(True, description="keep the token embedding matrix fixed (half of MiniLM's "
+                                                           "weights; saves optimizer time and memory)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    eval_every: int = Field(50, ge=1, description="validate (and maybe keep a best checkpoint) every N steps")
+    checkpoint_every: int = Field(50, ge=1, description="resumable state every N steps")
+    min_improvement: float = Field(0.0, ge=0, description="validation NDCG@10 gain a stage needs to be kept")
+    val_max_queries: int = Field(200, ge=1, description="validation queries scored per evaluation")
+    val_pool_per_query: int = Field(40, ge=2, description="labeled pairs re-ranked per validation query (a seeded "
+                                                          "sample of its labeled mined pairs)")
+    random_pool: int = Field(100_000, ge=0, description="catalog items sampled once as the random-negative pool")
+    baseline_steps: int | None = Field(None, ge=1, description="step budget of a baseline; None = the sum of the "
+                                                               "stages' steps (the same budget)")
+    baseline_learning_rate: float = Field(2e-5, gt=0)
+    click_min_clicks: int = Field(1, ge=1, description="click baseline: clicks that make a (query, item) positive")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    seed: int = 13
+
+    @model_validator(mode="after")
+    def _stages(self) -> "TrainConfig":
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
+        for i, st in enumerate(self.stages, 1):
+            bad = [t for t in st.pos_tiers + st.neg_tiers if t not in range(1, 6)]
+            if bad:
+                raise ValueError(f"stages[{i}] names tiers {bad}; tiers are 1-5")
+            if not st.pos_tiers or not st.neg_tiers:
+                raise ValueError(f"stages[{i}] needs pos_tiers and neg_tiers")
+        return self
+
+
 class AssayConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -248,6 +380,8 @@ class AssayConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -291,9 +291,11 @@ EXAMPLES = _t(
         ("weight", "FLOAT NOT NULL"),
         ("split", "VARCHAR"),
         ("run_id", "VARCHAR NOT NULL"),
+        ("grade", "TINYINT"),
+        ("grade_source", "VARCHAR"),  # cascade | human
     ],
     key=("query_id", "item_id", "stage"),
-    doc="Curriculum examples: tier 1-5, stage 1-3, graded target in [0, 1].",
+    doc="Curriculum examples: tier 1-5, stage 1-3, graded target in [0, 1], split train/val/test by query hash.",
 )
 
 CHECKPOINTS = _t(
@@ -306,6 +308,9 @@ CHECKPOINTS = _t(
         ("val_ndcg10", "DOUBLE"),
         ("kept", "BOOLEAN"),
         ("run_id", "VARCHAR"),
+        ("name", "VARCHAR"),  # curriculum | baseline-click | baseline-binary | baseline-graded
+        ("step", "INTEGER"),
+        ("created_at", "TIMESTAMP"),
     ],
     key=("checkpoint_id",),
     doc="Trained two-tower checkpoints under artifacts/, with their validation score.",

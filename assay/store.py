@@ -67,6 +67,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "mining", ("candidates", "negatives", "mining_progress", "channel_hits")),
     Migration(4, "annotation", ("labels", "label_votes")),
     Migration(5, "curriculum, training and serving", ("examples", "checkpoints", "indexes")),
+    Migration(6, "example grades, checkpoint names and steps", sql=(
+        "ALTER TABLE examples ADD COLUMN IF NOT EXISTS grade TINYINT",
+        "ALTER TABLE examples ADD COLUMN IF NOT EXISTS grade_source VARCHAR",
+        "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS name VARCHAR",
+        "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS step INTEGER",
+        "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

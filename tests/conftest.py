@@ -123,3 +123,38 @@ def stop_process(proc, kill: bool = False) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def labeled_master(mined_master, tmp_path_factory) -> Path:
+    """The mined tiny workspace with every mined pair labeled, built once. The labels stand in for a cascade's:
+    the world's true grade with 10% of the grades moved one step (seeded), written to ``labels`` with a
+    one-hot-ish probability vector. Annotation itself is tested in test_annotate/test_cascade; the curriculum
+    and trainer tests need labeled pairs without training judges first."""
+    import numpy as np
+    import pyarrow as pa
+
+    from assay.data.judgments import load_oracle
+    from assay.store import Store
+
+    ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("labeled") / "ws")
+    with Store.open(ws) as store:
+        pairs = store.query("SELECT query_id, item_id FROM candidates UNION ALL SELECT query_id, item_id FROM negatives "
+                            "ORDER BY 1, 2")
+        q = np.array(pairs.column("query_id").to_pylist(), dtype=object)
+        i = np.array(pairs.column("item_id").to_pylist(), dtype=object)
+        truth = load_oracle(store).grade(q, i).astype(np.int64)
+        rng = np.random.default_rng(0)
+        noisy = np.where(rng.random(len(truth)) < 0.1, np.clip(truth + rng.choice([-1, 1], len(truth)), 0, 4), truth)
+        probs = (np.eye(5, dtype=np.float32)[noisy] * 0.8 + 0.04).ravel()
+        n = len(noisy)
+        store.write("labels", pa.table({
+            "query_id": q.tolist(), "item_id": i.tolist(), "cascade_sha": ["fixture"] * n,
+            "grade": pa.array(noisy, pa.int8()), "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs), 5),
+            "decided_by": ["fixture"] * n, "confidence": pa.array(np.full(n, 0.84, np.float32)), "status": ["ok"] * n}))
+    return ws
+
+
+@pytest.fixture()
+def labeled_workspace(labeled_master, tmp_path) -> Path:
+    return copy_ws(labeled_master, tmp_path / "ws")

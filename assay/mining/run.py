@@ -144,17 +144,19 @@ class _Lazy:
         return self._query_vecs
 
 
-def _bm25_searcher(lz: _Lazy) -> Callable[[np.ndarray], Hits]:
-    c = lz.cfg.bm25
-    d = lz.store.artifacts / "mining" / "bm25" / f"{lz.catalog.sha}-{c.tokenizer.replace('+', '_')}-{c.k1}-{c.b}"
+def bm25_index(store: Store, catalog: Catalog, c, progress: bool = False) -> tuple[BM25Index, dict]:
+    """The catalog's BM25 index (``mining.bm25`` settings), built once and reused from artifacts/mining/bm25/."""
+    d = store.artifacts / "mining" / "bm25" / f"{catalog.sha}-{c.tokenizer.replace('+', '_')}-{c.k1}-{c.b}"
     t = time.perf_counter()
     if (d / "assay.json").exists():
-        index = BM25Index.load(d, backend=c.backend)
-        lz.stats["bm25_index"] = {"reused": True, "path": str(d)}
-    else:
-        index = BM25Index.build(lz.catalog.texts, c.tokenizer, c.k1, c.b, c.backend, progress=lz.progress)
-        index.save(d)
-        lz.stats["bm25_index"] = {"reused": False, "path": str(d), "build_seconds": round(time.perf_counter() - t, 2)}
+        return BM25Index.load(d, backend=c.backend), {"reused": True, "path": str(d)}
+    index = BM25Index.build(catalog.texts, c.tokenizer, c.k1, c.b, c.backend, progress=progress)
+    index.save(d)
+    return index, {"reused": False, "path": str(d), "build_seconds": round(time.perf_counter() - t, 2)}
+
+
+def _bm25_searcher(lz: _Lazy) -> Callable[[np.ndarray], Hits]:
+    index, lz.stats["bm25_index"] = bm25_index(lz.store, lz.catalog, lz.cfg.bm25, lz.progress)
     threads = lz.store.compute_threads
     return lambda qidx: index.search([lz.queries.texts[i] for i in qidx], lz.cfg.k, threads=threads)
 

@@ -1,0 +1,139 @@
+"""Retrieval evaluation on held-out queries: BM25, the base encoder and trained two-tower checkpoints, each
+retrieving from the whole catalog, scored on judged pairs.
+
+Queries: the ``test`` split of `assay curriculum` (held out of training and validation), or ``val``.
+Judgments, in order of preference:
+- a simulated world's truth (:class:`TruthOracle`): every (query, item) pair of the catalog is graded, so the ideal
+  DCG is the true one and every retrieved item is judged;
+- otherwise the human grades (median) and the cascade's labels of those queries: only judged pairs count, and
+  judged@10 says how much of each top 10 was judged.
+
+Dense systems encode the catalog with their item tower (cached per checkpoint sha under artifacts/embeddings/) and
+search a FAISS flat inner-product index (exact, so the numbers describe the model, not the index). A multi-head
+query searches with every head and re-scores the union with soft-dot attention.
+
+Metrics (assay.eval.metrics): NDCG@10, recall@10/50/100 of grade >= 3, the embarrassing rate@10 (grade-0 share of
+the judged top 10) and judged@10; overall and by query segment (head / torso / tail).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from assay.config import BM25Config
+from assay.encode import EmbeddingCache
+from assay.eval.metrics import aggregate, query_metrics
+from assay.store import Store
+from assay.text import TEXT_TEMPLATE_VERSION, digest, text_shas
+
+log = logging.getLogger(__name__)
+
+K = 100
+
+
+def eval_queries(store: Store, split: str) -> tuple[list[str], list[str], list[str]]:
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, got {split!r}")
+    rows = store.exec("""SELECT DISTINCT e.query_id, q.text, coalesce(q.segment, 'unknown') FROM examples e
+                         JOIN queries q USING (query_id) WHERE e.split = ? ORDER BY 1""", [split])
+    if not rows:
+        raise ValueError(f"no {split} queries: run `assay curriculum` (curriculum.test_fraction > 0) first")
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray) -> tuple[str, dict[str, dict[str, int]]]:
+    """(source, {query_id: {item_id: grade}}). With truth, every item with grade >= 1 is listed; grade-0 items are
+    added for whatever a system retrieves (see :func:`judge_retrieved`)."""
+    from assay.data.judgments import load_oracle
+
+    oracle = load_oracle(store)
+    if oracle is not None:
+        out = {}
+        for q in query_ids:
+            g = oracle.grade(np.array([q] * len(item_ids), dtype=object), item_ids)
+            nz = np.flatnonzero(g > 0)
+            out[q] = dict(zip(item_ids[nz].tolist(), g[nz].astype(int).tolist()))
+        return "truth", out
+    from assay.curriculum.run import labeled_pairs_sql
+
+    tbl = store.query(f"SELECT query_id, item_id, grade FROM ({labeled_pairs_sql()}) WHERE grade IS NOT NULL "
+                      "AND query_id IN (SELECT unnest(?::VARCHAR[]))", [query_ids])
+    out: dict[str, dict[str, int]] = {q: {} for q in query_ids}
+    for q, i, g in zip(*(tbl.column(c).to_pylist() for c in ("query_id", "item_id", "grade"))):
+        out[q][i] = int(g)
+    return "labels", out
+
+
+def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: str, k: int) -> np.ndarray:
+    import faiss
+    import torch
+
+    from assay.trainer.loop import _encode
+
+    cache = EmbeddingCache(artifacts, digest(["twotower-items", sha, TEXT_TEMPLATE_VERSION, model.item_max_length]))
+    shas = text_shas(catalog.texts)
+    vecs, found = cache.lookup(shas, model.dim)
+    miss = np.flatnonzero(~found)
+    model.eval()
+    with torch.inference_mode():
+        if len(miss):
+            new = _encode(model.encode_items, [catalog.texts[i] for i in miss], 128).cpu().numpy()
+            cache.add(shas[miss], new)
+            vecs[miss] = new
+        q = _encode(model.encode_queries, query_texts, 128).cpu().numpy()
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+    if q.ndim == 2:
+        return index.search(np.ascontiguousarray(q), k)[1]
+    # multi-head: each head's top k, then soft-dot re-scoring of the union
+    out = np.full((len(q), k), -1, dtype=np.int64)
+    for r in range(len(q)):
+        cand = np.unique(index.search(np.ascontiguousarray(q[r]), k)[1].ravel())
+        cand = cand[cand >= 0]
+        s = q[r] @ vecs[cand].T  # (H, n)
+        w = np.exp(model.beta * (s - s.max(0)))
+        score = (w / w.sum(0) * s).sum(0)
+        top = cand[np.argsort(-score, kind="stable")[:k]]
+        out[r, :len(top)] = top
+    return out
+
+
+def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
+             base_model: str = "all-MiniLM-L6-v2", k: int = K, progress: bool = True) -> dict:
+    """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder."""
+    from assay.mining.run import bm25_index, load_catalog
+    from assay.trainer.model import TwoTower
+
+    qids, qtexts, segments = eval_queries(store, split)
+    catalog = load_catalog(store)
+    source, judged = judgments(store, qids, catalog.item_ids)
+    results: dict = {}
+    for name, what in systems.items():
+        t0 = time.perf_counter()
+        if what == "bm25":
+            index, _ = bm25_index(store, catalog, bm25 or BM25Config(), progress=progress)
+            hits = index.search(qtexts, k, threads=store.compute_threads).idx
+        else:
+            if what == "base":
+                model = TwoTower.from_base(base_model)
+                sha = model.info["base_model_sha"]
+            else:
+                model = TwoTower.load(what)
+                sha = model.sha
+            hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)
+        per_q = []
+        for r, q in enumerate(qids):
+            ranked = catalog.item_ids[hits[r][hits[r] >= 0]].tolist()
+            j = judged[q]
+            if source == "truth":  # every catalog item is graded: unlisted retrieved items are grade 0
+                j = {**{i: 0 for i in ranked if i not in j}, **j}
+            per_q.append(query_metrics(ranked, j, ks=(10, 50, 100)))
+        results[name] = {**aggregate(per_q, segments), "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("%s: NDCG@10 %.4f on %d %s queries", name, results[name]["all"]["ndcg@10"], len(qids), split)
+    seg_names, seg_counts = np.unique(segments, return_counts=True)
+    return {"split": split, "queries": len(qids), "judgments": source,
+            "segments": {str(s): int(c) for s, c in zip(seg_names, seg_counts)}, "systems": results}

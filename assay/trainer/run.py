@@ -1,0 +1,264 @@
+"""`assay train`: the three-stage curriculum and the baselines, in one code path and one step budget.
+
+Reads the ``examples`` table (`assay curriculum`), validation pools of labeled pairs, and ``engagement`` for the
+click baseline. Writes checkpoints under ``artifacts/train/<key>/`` (``key`` = digest of the train config, the
+examples run and the base model), one row per phase's best checkpoint in ``checkpoints``, and a report
+(``artifacts/reports/train-<time>/``: ablation table, training curves PNG, report.json).
+
+Phases:
+- ``stage1`` .. ``stageN`` (``train.stages``): each starts from the best checkpoint so far (the base encoder
+  before stage 1); its best step by validation NDCG@10 is kept only if it beats that starting point by
+  ``min_improvement``; otherwise the stage is skipped and reported, and the next stage starts from the same
+  weights;
+- ``baseline-click`` (engaged items as positives, in-batch negatives), ``baseline-binary`` (every tier mixed,
+  grade >= 3 positive, in-batch softmax) and ``baseline-graded`` (every tier mixed, graded listwise targets), each
+  from the base encoder with ``baseline_steps`` (default: the stages' steps summed, the same budget).
+
+Validation reads the cascade's labels (human grades where present) on the validation queries, never the
+simulator's truth. A phase already finished is not trained again (its ``done.json`` is reused), so a killed
+`assay train` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from assay.config import ModelsConfig, TrainConfig
+from assay.reporting import img, table_html, write_report
+from assay.store import Store, utcnow
+from assay.text import digest
+from assay.trainer import data as data_mod
+from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
+from assay.trainer.loop import Dist, PhaseSpec, train_phase, validate
+from assay.trainer.model import TwoTower
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("click", "binary", "graded")
+ALL_TIERS = (1, 2, 3, 4, 5)
+
+
+def base_model_name(cfg: TrainConfig, models_cfg: ModelsConfig) -> str:
+    return cfg.base_model or models_cfg.embedder
+
+
+def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str) -> str:
+    from assay import models
+
+    base = base_model_name(cfg, models_cfg)
+    relevant = cfg.model_dump(mode="json")
+    for k in ("eval_every", "checkpoint_every"):  # do not change what is trained
+        relevant.pop(k)
+    return digest([json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))])
+
+
+def load_data(cfg: TrainConfig, store: Store, *, with_clicks: bool) -> data_mod.TrainData:
+    return data_mod.load(store, val_max_queries=cfg.val_max_queries, val_pool_per_query=cfg.val_pool_per_query,
+                         random_pool=cfg.random_pool, seed=cfg.seed, with_clicks=with_clicks,
+                         click_min_clicks=cfg.click_min_clicks)
+
+
+def _new_model(cfg: TrainConfig, models_cfg: ModelsConfig) -> TwoTower:
+    return TwoTower.from_base(base_model_name(cfg, models_cfg), shared=cfg.shared_towers,
+                              projection_dim=cfg.projection_dim, heads=cfg.query_heads, beta=cfg.head_beta,
+                              query_max_length=cfg.query_max_length, item_max_length=cfg.item_max_length,
+                              device=models_cfg.device, seed=cfg.seed)
+
+
+def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stage: int | None = None,
+        baseline: str | None = None, progress: bool = True, data: data_mod.TrainData | None = None,
+        dist: Dist | None = None, workspace: Path | None = None, stop_after_steps: int | None = None) -> dict:
+    """Train the curriculum (all stages, or ``stage``) or one baseline. ``store`` is None on ranks > 0 of a
+    distributed run (they pass ``data`` and ``workspace``)."""
+    dist = dist or Dist()
+    if baseline is not None and baseline not in BASELINES:
+        raise KeyError(f"Unknown baseline {baseline!r}. Available: {list(BASELINES)}")
+    if stage is not None and not 1 <= stage <= len(cfg.stages):
+        raise ValueError(f"--stage must be 1-{len(cfg.stages)} (train.stages has {len(cfg.stages)} stages)")
+    if data is None:
+        data = load_data(cfg, store, with_clicks=baseline == "click")
+    root = Path(workspace or store.root) / "artifacts"
+    key = run_key(cfg, models_cfg, data.examples_run_id)
+    folder = root / "train" / key
+    record = store is not None and dist.main
+    ctx = store.run("train", {"train": cfg.model_dump(mode="json"), "stage": stage, "baseline": baseline,
+                              "world_size": dist.world}, {"base_model": base_model_name(cfg, models_cfg)}) \
+        if record else _NoRun()
+    with ctx as run_id:
+        model = _new_model(cfg, models_cfg)
+        base_val = _base_val(folder, model, data, dist)
+        if baseline is not None:
+            phases = [_train_baseline(cfg, baseline, model, data, folder, base_val, dist, progress, stop_after_steps)]
+        else:
+            phases = _train_curriculum(cfg, model, data, folder, base_val, stage, dist, progress, stop_after_steps)
+        summary = {"run_id": run_id, "key": key, "folder": str(folder), "world_size": dist.world,
+                   "data": data.summary(), "base_val_ndcg10": base_val,
+                   "phases": {p["name"]: p for p in phases}}
+        if record:
+            for p in phases:
+                if p.get("checkpoint"):
+                    _record_checkpoint(store, p, run_id)
+            summary.update(ablation(folder, base_val, cfg))
+            summary["report"] = str(write_train_report(root / "reports" / f"train-{utcnow():%Y%m%dT%H%M%S}",
+                                                       summary, folder))
+            store.finish_run(run_id, summary)
+    return summary
+
+
+class _NoRun:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> float:
+    f = folder / "base.json"
+    if f.exists():
+        return json.loads(f.read_text())["val_ndcg10"]
+    val = dist.broadcast_float(validate(model, data) if dist.main else 0.0)
+    if dist.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"val_ndcg10": val}))
+    return val
+
+
+def _phase_out(res, folder: Path, model: TwoTower, dist: Dist, stage: int, name: str, loss: str) -> dict:
+    out = {**res.to_dict(), "stage": stage, "family": name, "loss": loss}
+    ck = folder / res.name / "best"
+    if res.improved:
+        if dist.main and not (ck / "twotower.json").exists():
+            sha = model.save(ck)
+        else:
+            sha = json.loads((ck / "twotower.json").read_text())["sha"] if (ck / "twotower.json").exists() else None
+        dist.barrier()
+        out.update(checkpoint=str(ck), sha=sha)
+    return out
+
+
+def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, base_val: float, only: int | None,
+                      dist: Dist, progress: bool, stop_after_steps: int | None) -> list[dict]:
+    specs = [GroupSpec(tuple(s.pos_tiers), tuple(s.neg_tiers)) for s in cfg.stages]
+    last = only or len(cfg.stages)
+    if only is not None:
+        missing = [k for k in range(1, only) if not (folder / f"stage{k}" / "done.json").exists()]
+        if missing:
+            raise ValueError(f"stage {only} starts from stage {missing[-1]}'s best checkpoint, which is not trained "
+                             f"yet; run `assay train --stage {missing[0]}` first (or `assay train` for all stages)")
+    best = base_val
+    out = []
+    for k in range(1, last + 1):
+        st = cfg.stages[k - 1]
+        sampler = GroupSampler(data, specs[k - 1], replay_specs=specs[:k - 1], replay=st.replay,
+                               batch_queries=cfg.batch_queries, group_size=cfg.group_size, seed=cfg.seed, stage=k)
+        spec = PhaseSpec(f"stage{k}", k, st.loss, st.steps, st.learning_rate, sampler, cfg.random_negatives)
+        res = train_phase(model, data, spec, folder / f"stage{k}", cfg=cfg, start_val=best, dist=dist,
+                          progress=progress, stop_after_steps=stop_after_steps)
+        if res.improved:
+            best = res.best_val
+        else:
+            log.warning("stage %d (%s) did not improve validation NDCG@10 over %.4f (best %.4f): skipped, the next "
+                        "stage starts from the previous best", k, st.loss, best, res.best_val)
+        if only is None or k == only:
+            out.append(_phase_out(res, folder, model, dist, k, "curriculum", st.loss))
+    return out
+
+
+def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder: Path, base_val: float, dist: Dist,
+                    progress: bool, stop_after_steps: int | None) -> dict:
+    steps = cfg.baseline_steps or sum(s.steps for s in cfg.stages)
+    if which == "click":
+        sampler = ClickSampler(data, batch_queries=cfg.batch_queries, group_size=cfg.group_size, seed=cfg.seed)
+    else:
+        spec = GroupSpec((1, 2), (3, 4, 5), binary=which == "binary")
+        sampler = GroupSampler(data, spec, batch_queries=cfg.batch_queries, group_size=cfg.group_size,
+                               seed=cfg.seed, stage=0)
+    name = f"baseline-{which}"
+    spec = PhaseSpec(name, 0, "mnr", steps, cfg.baseline_learning_rate, sampler)
+    # a baseline keeps its best validated step whatever the base encoder scored (start_val -1)
+    res = train_phase(model, data, spec, folder / name, cfg=cfg, start_val=-1.0, dist=dist, progress=progress,
+                      stop_after_steps=stop_after_steps)
+    out = _phase_out(res, folder, model, dist, 0, name, "mnr")
+    out["vs_base_encoder"] = round(res.best_val - base_val, 5)
+    return out
+
+
+def _record_checkpoint(store: Store, p: dict, run_id: str) -> None:
+    import pyarrow as pa
+
+    store.write("checkpoints", pa.table({
+        "checkpoint_id": [f"{Path(p['checkpoint']).parent.parent.name}/{p['name']}"], "stage": pa.array([p["stage"]], pa.int8()),
+        "path": [p["checkpoint"]], "sha": [p.get("sha")], "val_ndcg10": [p["best_val"]], "kept": [bool(p["improved"])],
+        "run_id": [run_id], "name": [p["family"]], "step": pa.array([p["best_step"]], pa.int32()),
+        "created_at": [utcnow()]}), mode="upsert")
+
+
+def final_checkpoint(folder: Path, n_stages: int) -> Path | None:
+    """The curriculum's model: the best checkpoint of the last kept stage."""
+    for k in range(n_stages, 0, -1):
+        done = folder / f"stage{k}" / "done.json"
+        if done.exists() and json.loads(done.read_text())["improved"]:
+            return folder / f"stage{k}" / "best"
+    return None
+
+
+def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
+    """Validation NDCG@10 after stage 1, 1+2, 1+2+3, of each baseline and of the base encoder (what is trained)."""
+    rows = [{"model": "base encoder", "val_ndcg10": round(base_val, 5), "steps": 0, "kept": None}]
+    best, steps = base_val, 0
+    curves = {}
+    for k in range(1, len(cfg.stages) + 1):
+        done = folder / f"stage{k}" / "done.json"
+        if not done.exists():
+            break
+        r = json.loads(done.read_text())
+        steps += r["steps"]
+        best = r["best_val"] if r["improved"] else best
+        rows.append({"model": "stage " + "+".join(str(i) for i in range(1, k + 1)), "val_ndcg10": round(best, 5),
+                     "steps": steps, "kept": r["improved"], "stage_best": r["best_val"]})
+        curves[f"stage{k}"] = r["history"]
+    for b in BASELINES:
+        done = folder / f"baseline-{b}" / "done.json"
+        if done.exists():
+            r = json.loads(done.read_text())
+            rows.append({"model": f"baseline {b}", "val_ndcg10": r["best_val"], "steps": r["steps"], "kept": None})
+            curves[f"baseline-{b}"] = r["history"]
+    skipped = [r["model"] for r in rows if r.get("kept") is False]
+    return {"ablation": rows, "curves": curves, "skipped_stages": skipped,
+            "final_checkpoint": str(final_checkpoint(folder, len(cfg.stages)) or "")}
+
+
+def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
+    from assay.reporting import _mpl
+
+    plt = _mpl()
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    offset = 0
+    for name, hist in summary.get("curves", {}).items():
+        if not hist:
+            continue
+        x = np.array([h["step"] for h in hist]) + (offset if name.startswith("stage") else 0)
+        ax.plot(x, [h["val_ndcg10"] for h in hist], marker="o", ms=3, label=name)
+        if name.startswith("stage"):
+            offset = x.max()
+    ax.axhline(summary["base_val_ndcg10"], color="gray", ls="--", lw=1, label="base encoder")
+    ax.set_xlabel("step (stages laid end to end)")
+    ax.set_ylabel("validation NDCG@10")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    plt.close(fig)
+    rows = [[r["model"], r["val_ndcg10"], r["steps"], "" if r["kept"] is None else ("kept" if r["kept"] else "skipped")]
+            for r in summary.get("ablation", [])]
+    write_report(out, "assay train", summary, [
+        ("Ablation (validation NDCG@10 on the cascade's labels of validation queries)",
+         table_html(["model", "val NDCG@10", "steps", "stage"], rows)),
+        ("Training curves", img("curves.png")),
+    ])
+    return out / "report.html"
