@@ -18,8 +18,10 @@ are padded to the same ``G``.
 - In-batch losses take ``sims_all``: ``(B, N)`` similarity of each query with every item of the batch
   flattened in order (``N = B * G``; item ``(b, g)`` is column ``b * G + g``), optionally followed by
   ``R`` extra columns for random items shared across the batch (shape ``(B, N + R)``).
-- ``mask_all``: ``(N,)`` bool, the valid in-batch columns; defaults to ``mask.reshape(-1)``. The
-  ``R`` extra random columns are always valid.
+- ``mask_all``: ``(M,)`` bool, the valid in-batch columns; defaults to ``mask.reshape(-1)`` (M = N). In a
+  distributed run M > N: the first N columns are this rank's batch and the next M - N the other ranks' items
+  (gathered), which are in-batch negatives like any other. Columns after M are the ``R`` random items, always
+  valid.
 - ``same_item``: optional ``(B, N)`` bool, columns to drop from query ``b``'s softmax because they
   hold an item that is really one of ``b``'s own (a duplicate item id: a false negative). Query
   ``b``'s own columns are never dropped by it.
@@ -137,8 +139,11 @@ def _listwise_problem(
     mask_flat = mask.reshape(n)
     if mask_all is None:
         mask_all = mask_flat
-    elif mask_all.shape != (n,) or mask_all.dtype != torch.bool:
-        raise ValueError(f"mask_all must be a ({n},) bool tensor, got {tuple(mask_all.shape)} {mask_all.dtype}")
+    elif mask_all.dim() != 1 or mask_all.shape[0] < n or mask_all.shape[0] > c or mask_all.dtype != torch.bool:
+        raise ValueError(f"mask_all must be a (M,) bool tensor with {n} <= M <= {c}, got "
+                         f"{tuple(mask_all.shape)} {mask_all.dtype}")
+    # in-batch columns: this batch's own B*G, then (distributed) the other ranks' items, then random ones
+    m = mask_all.shape[0]
 
     cols = torch.arange(c, device=device)
     # own[b, col]: col is one of query b's group columns (b*G .. b*G+G-1); random columns are nobody's
@@ -146,16 +151,17 @@ def _listwise_problem(
     own &= (cols < n).unsqueeze(0)
 
     col_valid = torch.ones(c, dtype=torch.bool, device=device)
-    col_valid[:n] = mask_all & mask_flat  # padding is never a candidate
+    col_valid[:m] = mask_all  # padding is never a candidate
+    col_valid[:n] &= mask_flat
     valid = col_valid.unsqueeze(0).expand(b, c).clone()
     # own columns: a real own item is always in the softmax; own padding never is
     own_valid = torch.zeros(c, dtype=torch.bool, device=device)
     own_valid[:n] = mask_flat
     valid = torch.where(own, own_valid.unsqueeze(0).expand(b, c), valid)
     if same_item is not None:
-        if same_item.dtype != torch.bool or same_item.shape[0] != b or same_item.shape[1] not in (n, c):
+        if same_item.dtype != torch.bool or same_item.shape[0] != b or same_item.shape[1] not in (m, c):
             raise ValueError(
-                f"same_item must be a (B, N) = ({b}, {n}) bool tensor, got {tuple(same_item.shape)} {same_item.dtype}"
+                f"same_item must be a (B, M) = ({b}, {m}) bool tensor, got {tuple(same_item.shape)} {same_item.dtype}"
             )
         drop = torch.zeros(b, c, dtype=torch.bool, device=device)
         drop[:, : same_item.shape[1]] = same_item
@@ -169,7 +175,7 @@ def _listwise_problem(
     total = t_own.sum(dim=1, keepdim=True)
     has_positive = total.squeeze(1) > 0
     target_probs = t_own / total.clamp_min(torch.finfo(t_own.dtype).tiny)
-    return valid, target_probs.to(sims_all.dtype), has_positive, own, n
+    return valid, target_probs.to(sims_all.dtype), has_positive, own, m
 
 
 def _mean_over_rows(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -402,19 +408,21 @@ class MixedNegativesLoss(nn.Module):
             raise ValueError(f"targets must be (B, G), got shape {tuple(targets.shape)}")
         b, g = targets.shape
         n = b * g
-        if sims_own_and_inbatch.dim() != 2 or sims_own_and_inbatch.shape != (b, n):
+        if sims_own_and_inbatch.dim() != 2 or sims_own_and_inbatch.shape[0] != b or sims_own_and_inbatch.shape[1] < n:
             raise ValueError(
-                f"sims_own_and_inbatch must be (B, B*G) = ({b}, {n}), got {tuple(sims_own_and_inbatch.shape)}"
+                f"sims_own_and_inbatch must be (B, M >= B*G) = ({b}, >= {n}), got {tuple(sims_own_and_inbatch.shape)}"
             )
+        if mask_all is None and sims_own_and_inbatch.shape[1] != n:
+            raise ValueError("sims_own_and_inbatch has columns beyond B*G: pass mask_all for them")
         if sims_random.dim() != 2 or sims_random.shape[0] != b:
             raise ValueError(f"sims_random must be (B, R) with B = {b}, got {tuple(sims_random.shape)}")
         r = sims_random.shape[1]
         sims_all = torch.cat([sims_own_and_inbatch, sims_random.to(sims_own_and_inbatch.dtype)], dim=1)
-        valid, p, has_pos, own, _ = _listwise_problem(
+        valid, p, has_pos, own, m = _listwise_problem(
             sims_all, targets, mask, mask_all, same_item, self.min_target
         )
         c = sims_all.shape[1]
-        is_random = (torch.arange(c, device=sims_all.device) >= n).unsqueeze(0).expand(b, c)
+        is_random = (torch.arange(c, device=sims_all.device) >= m).unsqueeze(0).expand(b, c)
         in_neg = valid & ~own & ~is_random  # (B, C) valid in-batch negatives
         n_in = in_neg.sum(dim=1)  # (B,)
 

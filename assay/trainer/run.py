@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,32 @@ def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
         ("Training curves", img("curves.png")),
     ])
     return out / "report.html"
+
+
+def run_cli(cfg, workspace: Path, *, stage: int | None = None, baseline: str | None = None,
+            progress: bool = True) -> dict | None:
+    """`assay train`: one process, or every rank of a torchrun launch. Under torchrun all ranks load the training
+    data read-only first; then rank 0 alone opens the workspace for writing and records the run."""
+    import torch
+
+    from assay.store import Store
+    from assay.trainer.loop import init_dist
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cfg.store.threads))
+    dist = init_dist()
+    if not dist.enabled:
+        with Store.open(workspace, threads=cfg.store.threads, memory_limit=cfg.store.memory_limit) as store:
+            return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress)
+    with Store.open(workspace, read_only=True, threads=cfg.store.threads) as ro:
+        data = load_data(cfg.train, ro, with_clicks=baseline == "click")
+    dist.barrier()
+    try:
+        if dist.main:
+            with Store.open(workspace, threads=cfg.store.threads, memory_limit=cfg.store.memory_limit) as store:
+                return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress,
+                            data=data, dist=dist)
+        run(cfg.train, None, cfg.models, stage=stage, baseline=baseline, progress=False, data=data, dist=dist,
+             workspace=workspace)
+        return None
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,252 @@
+"""The two-tower model, the curriculum / baseline training loop, resume after kill -9, and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from assay.config import AssayConfig, CurriculumConfig, ModelsConfig, TrainConfig
+from assay.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+ASSAY = str(Path(sys.executable).with_name("assay"))
+
+TINY = {
+    "batch_queries": 4, "group_size": 3, "eval_every": 2, "checkpoint_every": 2, "val_max_queries": 8,
+    "val_pool_per_query": 10, "random_negatives": 4, "random_pool": 500,
+    "stages": [
+        {"pos_tiers": [1], "neg_tiers": [5], "loss": "bce", "steps": 4, "replay": 0.0, "learning_rate": 5e-5},
+        {"pos_tiers": [2], "neg_tiers": [3], "loss": "mnr", "steps": 4, "learning_rate": 5e-5},
+        {"pos_tiers": [1, 2], "neg_tiers": [4], "loss": "triplet", "steps": 4, "learning_rate": 5e-5},
+    ],
+}
+TINY_SET = [f"train.{k}={json.dumps(v)}" for k, v in TINY.items()]
+
+
+def tiny_cfg(**over) -> TrainConfig:
+    return TrainConfig(**{**TINY, **over})
+
+
+@pytest.fixture(scope="module")
+def curriculum_master(labeled_master, tmp_path_factory) -> Path:
+    """The labeled workspace after `assay curriculum`, built once for this module."""
+    from assay.curriculum import run as run_curriculum
+    from conftest import copy_ws
+
+    ws = copy_ws(labeled_master, tmp_path_factory.mktemp("curr") / "ws")
+    with Store.open(ws) as store:
+        run_curriculum(CurriculumConfig(), store)
+    return ws
+
+
+@pytest.fixture()
+def curriculum_ws(curriculum_master, tmp_path) -> Path:
+    from conftest import copy_ws
+
+    return copy_ws(curriculum_master, tmp_path / "cws")
+
+
+# --------------------------------------------------------------------------- model
+def test_checkpoint_reloads_with_identical_embeddings(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from assay.trainer.model import TwoTower
+
+    m = TwoTower.from_base("all-MiniLM-L6-v2", projection_dim=64, query_max_length=16, item_max_length=32)
+    qs, items = ["blue velvet sofa", "coffe maker"], ["category: Kitchen | Acme Coffee Maker | color: red", "Oak Table"]
+    with torch.inference_mode():
+        q0, i0 = m.encode_queries(qs), m.encode_items(items)
+    assert q0.shape == (2, 64) and torch.allclose(q0.norm(dim=1), torch.ones(2), atol=1e-5)
+    sha = m.save(tmp_path / "ck")
+    man = json.loads((tmp_path / "ck" / "twotower.json").read_text())
+    assert man["dim"] == 64 and man["text_template"].startswith("item-text/") and man["sha"] == sha
+    assert man["base_model"] == "all-MiniLM-L6-v2" and man["base_model_sha"]
+    m2 = TwoTower.load(tmp_path / "ck")
+    assert m2.query_tower[0] is m2.item_tower[0]  # shared towers are tied again
+    with torch.inference_mode():
+        assert torch.equal(m2.encode_queries(qs), q0) and torch.equal(m2.encode_items(items), i0)
+    # each tower is a plain sentence-transformers model
+    st = SentenceTransformer(str(tmp_path / "ck" / "item"), device="cpu")
+    assert np.allclose(st.encode(items), i0.numpy(), atol=1e-5)
+
+
+def test_separate_towers_and_multi_head_query(tmp_path):
+    from assay.trainer.model import TwoTower, soft_dot
+
+    m = TwoTower.from_base("all-MiniLM-L6-v2", shared=False, projection_dim=32, heads=3, beta=5.0)
+    assert m.query_tower[0] is not m.item_tower[0]
+    with torch.inference_mode():
+        q = m.encode_queries(["sofa", "lamp"])
+        d = m.encode_items(["Velvet Sofa", "Desk Lamp", "Rug"])
+    assert q.shape == (2, 3, 32) and torch.allclose(q.norm(dim=-1), torch.ones(2, 3), atol=1e-5)
+    s = m.score(q, d)
+    assert s.shape == (2, 3)
+    # soft-dot lies between the smallest and largest head cosine, and equals a hand computation
+    heads = torch.einsum("bhd,nd->bhn", q, d)
+    assert torch.all(s <= heads.max(1).values + 1e-6) and torch.all(s >= heads.min(1).values - 1e-6)
+    w = torch.softmax(5.0 * heads[0, :, 1], 0)
+    assert torch.isclose(s[0, 1], (w * heads[0, :, 1]).sum())
+    assert torch.allclose(soft_dot(q[:, 0], d, 5.0), q[:, 0] @ d.T)
+    m.save(tmp_path / "mh")
+    m2 = TwoTower.load(tmp_path / "mh")
+    with torch.inference_mode():
+        assert torch.equal(m2.encode_queries(["sofa", "lamp"]), q)
+
+
+# --------------------------------------------------------------------------- curriculum training
+def test_curriculum_trains_selects_and_records(curriculum_ws):
+    from assay.trainer import run as run_train
+
+    with Store.open(curriculum_ws) as store:
+        s = run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+        rows = store.query("SELECT * FROM checkpoints ORDER BY stage").to_pylist()
+    assert list(s["phases"]) == ["stage1", "stage2", "stage3"]
+    prev = s["base_val_ndcg10"]
+    for name, p in s["phases"].items():
+        assert p["start_val"] == pytest.approx(prev, abs=1e-5)  # each stage starts from the best so far
+        assert len(p["history"]) == 2 and p["steps"] == 4
+        if p["improved"]:
+            assert p["best_val"] > p["start_val"] and Path(p["checkpoint"], "twotower.json").exists()
+            prev = p["best_val"]
+    kept = [r for r in rows if r["kept"]]
+    assert len(kept) == sum(p["improved"] for p in s["phases"].values())
+    assert [r["model"] for r in s["ablation"]][:4] == ["base encoder", "stage 1", "stage 1+2", "stage 1+2+3"]
+    assert s["ablation"][-1]["val_ndcg10"] == pytest.approx(prev, abs=1e-5)
+    assert Path(s["report"]).exists() and (Path(s["report"]).parent / "curves.png").stat().st_size > 1000
+
+
+def test_stage_without_gain_is_skipped_and_next_starts_from_previous_best(curriculum_ws):
+    from assay.trainer import run as run_train
+
+    stages = [dict(s) for s in TINY["stages"]]
+    stages[1]["learning_rate"] = 1e-12  # stage 2 cannot move the weights: no validation gain
+    with Store.open(curriculum_ws) as store:
+        s = run_train(tiny_cfg(stages=stages), store, ModelsConfig(), progress=False)
+    p1, p2, p3 = (s["phases"][f"stage{k}"] for k in (1, 2, 3))
+    assert not p2["improved"] and "stage 1+2" in s["skipped_stages"]
+    best_before_3 = p1["best_val"] if p1["improved"] else s["base_val_ndcg10"]
+    assert p3["start_val"] == pytest.approx(best_before_3, abs=1e-5)
+
+
+def test_stage_before_its_predecessor_is_refused(curriculum_ws):
+    from assay.trainer import run as run_train
+
+    with Store.open(curriculum_ws) as store:
+        with pytest.raises(ValueError, match=r"assay train --stage 1"):
+            run_train(tiny_cfg(), store, ModelsConfig(), stage=2, progress=False)
+        assert store.count("checkpoints") == 0
+
+
+def test_bad_input_names_the_missing_step(curriculum_ws, tiny_workspace):
+    from assay.trainer import run as run_train
+
+    with Store.open(tiny_workspace) as store:
+        with pytest.raises(ValueError, match="assay curriculum"):
+            run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+    with Store.open(curriculum_ws) as store:
+        with pytest.raises(KeyError, match="Available"):
+            run_train(tiny_cfg(), store, ModelsConfig(), baseline="nope", progress=False)
+        # a stage whose tiers hold no train example
+        store.exec("DELETE FROM examples WHERE tier = 4")
+        with pytest.raises(ValueError, match=r"tiers \[1, 2\] and \[4\]"):
+            run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+        store.exec("DELETE FROM engagement")
+        with pytest.raises(ValueError, match="engagement"):
+            run_train(tiny_cfg(), store, ModelsConfig(), baseline="click", progress=False)
+        n_ex = store.count("examples")
+    with Store.open(curriculum_ws, read_only=True) as store:
+        assert store.count("examples") == n_ex and store.count("checkpoints") == 0
+
+
+def test_baselines_share_the_step_budget(curriculum_ws):
+    from assay.trainer import run as run_train
+
+    with Store.open(curriculum_ws) as store:
+        out = {b: run_train(tiny_cfg(), store, ModelsConfig(), baseline=b, progress=False) for b in
+               ("click", "binary", "graded")}
+        names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
+    for b, s in out.items():
+        p = s["phases"][f"baseline-{b}"]
+        assert p["steps"] == 12  # the stages' 4 + 4 + 4
+        assert p["loss"] == "mnr" and p["inbatch_columns"] == 4 * 3
+    models = [r["model"] for r in out["graded"]["ablation"]]
+    assert {"baseline click", "baseline binary", "baseline graded"} <= set(models)
+    assert {n for (n,) in names} <= {"baseline-click", "baseline-binary", "baseline-graded"}
+
+
+# --------------------------------------------------------------------------- determinism, resume, torchrun
+def _train_cli(ws: Path, *extra: str, env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [ASSAY, "train", "-w", str(ws), "-q", "--json", *[a for s in TINY_SET for a in ("--set", s)], *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def _phase_result(ws: Path, name: str) -> dict:
+    """A finished phase's result without timings, plus its best checkpoint's weight sha (None if not kept)."""
+    folder = next((ws / "artifacts" / "train").iterdir()) / name
+    done = json.loads((folder / "done.json").read_text())
+    best = folder / "best" / "twotower.json"
+    drop = ("examples_per_second", "seconds", "resumed_from")
+    return {**{k: v for k, v in done.items() if k not in drop},
+            "sha": json.loads(best.read_text())["sha"] if best.exists() else None}
+
+
+def test_kill_9_resumes_to_the_same_model(curriculum_master, tmp_path):
+    from conftest import copy_ws
+
+    ref, ws = copy_ws(curriculum_master, tmp_path / "ref"), copy_ws(curriculum_master, tmp_path / "killed")
+    # stage 1 with 8 steps, a resumable state every 2 steps
+    stage_set = ["--stage", "1", "--set", 'train.stages=' + json.dumps(
+        [{**TINY["stages"][0], "steps": 8}] + TINY["stages"][1:])]
+    p = _train_cli(ref, *stage_set)
+    out, errs = p.communicate(timeout=600)
+    assert p.returncode == 0, errs[-2000:]
+    p = _train_cli(ws, *stage_set)
+    deadline = time.monotonic() + 600
+    latest = None
+    while time.monotonic() < deadline and p.poll() is None:
+        found = list((ws / "artifacts" / "train").glob("*/stage1/state/latest.json"))
+        if found and json.loads(found[0].read_text())["step"] >= 4:
+            latest = found[0]
+            break
+        time.sleep(0.2)
+    assert latest is not None, "the run never wrote a resumable state"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (latest.parent.parent / "done.json").exists()
+    with Store.open(ws) as store:  # the killed run is marked interrupted on the next open
+        assert store.scalar("SELECT status FROM runs WHERE stage = 'train'") == "interrupted"
+    p = _train_cli(ws, *stage_set)
+    out2, errs2 = p.communicate(timeout=600)
+    assert p.returncode == 0, errs2[-2000:]
+    s = json.loads(out2)
+    assert s["phases"]["stage1"]["resumed_from"] >= 4
+    # the same losses and validation at every evaluation, the same kept step and the same weights
+    assert _phase_result(ws, "stage1") == _phase_result(ref, "stage1")
+
+
+def test_torchrun_two_processes_gather_in_batch_negatives(curriculum_ws):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    stages = [{**TINY["stages"][0], "loss": "mnr"}] + TINY["stages"][1:]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+           ASSAY, "train", "--stage", "1", "-w", str(curriculum_ws), "-q", "--json",
+           *[a for s in TINY_SET for a in ("--set", s)], "--set", "train.stages=" + json.dumps(stages)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(p.stdout[p.stdout.index("{"):])
+    assert s["world_size"] == 2
+    ph = s["phases"]["stage1"]
+    # each rank scores its 2 local queries against all 4 x 3 items of the global batch
+    assert ph["inbatch_columns"] == 4 * 3
+    with Store.open(curriculum_ws, read_only=True) as store:
+        assert store.scalar("SELECT count(*) FROM runs WHERE stage = 'train' AND status = 'ok'") == 1
