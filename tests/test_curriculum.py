@@ -417,6 +417,25 @@ def test_run_split_is_per_query_and_targets_follow_grades(ran):
     assert s.exec("SELECT DISTINCT weight FROM examples WHERE grade_source = 'human'") == [(1.0,)]
 
 
+def test_run_targets_combine_grade_engagement_and_prior(ran):
+    # the documented formula with the default weights, recomputed in SQL: weighted engagement summed over
+    # positions, log1p, divided by the max over the query's mined pairs; the mining prior; 0 prior for negatives
+    s, _ = ran
+    err, n_engaged = s.exec("""
+        WITH eng AS (SELECT query_id, item_id, coalesce(sum(clicks), 0) + 3 * coalesce(sum(add_to_carts), 0)
+                                                + 5 * coalesce(sum(orders), 0) AS sig FROM engagement GROUP BY 1, 2),
+             pairs AS (SELECT query_id, item_id, prior FROM candidates
+                       UNION ALL SELECT query_id, item_id, 0.0 FROM negatives),
+             x AS (SELECT p.*, ln(1 + coalesce(e.sig, 0)) AS l FROM pairs p LEFT JOIN eng e USING (query_id, item_id)),
+             n AS (SELECT *, coalesce(l / nullif(max(l) OVER (PARTITION BY query_id), 0), 0) AS en FROM x)
+        SELECT max(abs(e.target - least(1, 0.85 * e.grade / 4 + CASE WHEN e.grade >= 3 THEN 0.1 * n.en ELSE 0 END
+                                              + 0.05 * n.prior))),
+               count(*) FILTER (WHERE e.grade >= 3 AND n.en > 0)
+        FROM examples e JOIN n USING (query_id, item_id)""")[0]
+    assert err < 1e-5
+    assert n_engaged > 20  # engagement does move targets of relevant examples here
+
+
 def test_rerun_writes_identical_rows(ran):
     s, first = ran
     before = _examples(s)

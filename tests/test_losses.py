@@ -391,3 +391,29 @@ def test_get_loss_and_registry():
     for name in LOSSES:
         assert name in msg
     assert set(L.__all__) >= {"GradedBCELoss", "ListwiseMNRLoss", "GradedTripletLoss", "MixedNegativesLoss", "LOSSES", "get_loss"}
+
+
+def test_gathered_columns_of_other_ranks_are_in_batch_negatives():
+    """Distributed: mask_all longer than B*G marks the other ranks' gathered items; they join the softmax as
+    negatives (masked ones do not), and the random columns after them keep their mixed-negative offsets."""
+    torch.manual_seed(0)
+    b, g, other, r = 2, 2, 4, 3
+    sims = torch.randn(b, b * g + other + r, dtype=torch.float64)
+    targets = torch.tensor([[1.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    mask = torch.ones(b, g, dtype=torch.bool)
+    mask_all = torch.tensor([True] * (b * g) + [True, False, True, True])
+    got = ListwiseMNRLoss(scale=20.0)(sims, targets, mask, mask_all=mask_all)
+    # by hand: query 0's softmax over its 2 own + other query's 2 + 3 valid gathered + 3 random columns
+    keep = [c for c in range(sims.shape[1]) if c != b * g + 1]
+    expect = []
+    for q, tgt in ((0, [1.0, 0.0]), (1, [1.0, 0.0])):
+        logits = 20.0 * sims[q, keep]
+        logp = logits - torch.logsumexp(logits, 0)
+        own = [keep.index(q * g + j) for j in range(g)]
+        expect.append(-sum(t * logp[o] for t, o in zip(tgt, own)))
+    assert torch.isclose(got, torch.stack(expect).mean())
+    # mixed: the gathered columns count as in-batch negatives, not random items
+    n_in = 2 + 3  # query's in-batch negatives: the other local query's 2 items + 3 valid gathered ones
+    mixed = MixedNegativesLoss(alpha=r / (n_in + r), scale=20.0)
+    got_mixed = mixed(sims[:, : b * g + other], sims[:, b * g + other:], targets, mask, mask_all=mask_all)
+    assert torch.isclose(got_mixed, got)
