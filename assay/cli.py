@@ -365,10 +365,11 @@ def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only 
     def render(s: dict) -> None:
         t = Table(title=f"train {s['run_id']} (world size {s['world_size']}; {s['data']['train_examples']:,} train "
                         f"examples, {s['data']['val_queries']} validation queries)")
-        for c in ("phase", "loss/spec", "steps", "start val", "best val", "best step", "kept", "examples/s"):
+        for c in ("phase", "loss", "queries", "steps", "start val", "best val", "best step", "kept", "examples/s"):
             t.add_column(c)
         for name, p in s["phases"].items():
-            t.add_row(name, str(p.get("loss", "")), str(p["steps"]), f"{p['start_val']:.4f}", f"{p['best_val']:.4f}",
+            t.add_row(name, p["loss"], f"{p['train_queries']:,}", str(p["steps"]), f"{p['start_val']:.4f}",
+                      f"{p['best_val']:.4f}",
                       str(p["best_step"]), "yes" if p["improved"] else "[yellow]skipped[/]",
                       f"{p['examples_per_second']:.1f}")
         console.print(t)

@@ -251,8 +251,8 @@ class TierConfig(Section):
     hard_pos_lexical_top: int = Field(50, ge=1, description="hard_pos: within BM25's top-N and not retrieved by ANN")
     hard_neg_grade: int = Field(1, ge=0, le=4, description="hard_neg: highest grade")
     hard_neg_top: int = Field(100, ge=1, description="hard_neg: retrieved by exactly one channel within its top-N")
-    token_sim_neg_grade: int = Field(1, ge=0, le=4, description="token_sim_neg: highest cascade grade (where labeled)")
-    random_neg_grade: int = Field(1, ge=0, le=4, description="random_neg: highest cascade grade (where labeled)")
+    token_sim_neg_grade: int = Field(1, ge=0, le=4, description="token_sim_neg: highest grade (an unlabeled negative is no example)")
+    random_neg_grade: int = Field(1, ge=0, le=4, description="random_neg: highest grade (an unlabeled negative is no example)")
 
 
 class TargetConfig(Section):

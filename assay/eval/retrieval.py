@@ -103,7 +103,7 @@ def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: st
 
 
 def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
-             base_model: str = "all-MiniLM-L6-v2", k: int = K, progress: bool = True) -> dict:
+             base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True) -> dict:
     """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder."""
     from assay.mining.run import bm25_index, load_catalog
     from assay.trainer.model import TwoTower
@@ -119,10 +119,10 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
             hits = index.search(qtexts, k, threads=store.compute_threads).idx
         else:
             if what == "base":
-                model = TwoTower.from_base(base_model)
+                model = TwoTower.from_base(base_model, device=device)
                 sha = model.info["base_model_sha"]
             else:
-                model = TwoTower.load(what)
+                model = TwoTower.load(what, device=device)
                 sha = model.sha
             hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)
         per_q = []

@@ -35,7 +35,8 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
     systems.update(checkpoints or {})
     with store.run("evaluate", {"split": split, "systems": systems}) as run_id:
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
-                       base_model=cfg.train.base_model or cfg.models.embedder, progress=progress)
+                       base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
+                       progress=progress)
         res["run_id"] = run_id
         res["report"] = str(_report(store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}", res))
         store.finish_run(run_id, res)

@@ -71,14 +71,21 @@ class Dist:
         return float(t.item())
 
 
-def init_dist() -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+def init_dist(device: str = "cpu") -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1: nccl when training on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def rank_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (``cuda:LOCAL_RANK``); CPU stays CPU."""
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 @dataclass

@@ -129,8 +129,9 @@ def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> float:
     return val
 
 
-def _phase_out(res, folder: Path, model: TwoTower, dist: Dist, stage: int, name: str, loss: str) -> dict:
-    out = {**res.to_dict(), "stage": stage, "family": name, "loss": loss}
+def _phase_out(res, folder: Path, model: TwoTower, dist: Dist, stage: int, name: str, loss: str,
+               sampler) -> dict:
+    out = {**res.to_dict(), "stage": stage, "family": name, "loss": loss, "train_queries": int(len(sampler.queries))}
     ck = folder / res.name / "best"
     if res.improved:
         if dist.main and not (ck / "twotower.json").exists():
@@ -166,7 +167,7 @@ def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, bas
             log.warning("stage %d (%s) did not improve validation NDCG@10 over %.4f (best %.4f): skipped, the next "
                         "stage starts from the previous best", k, st.loss, best, res.best_val)
         if only is None or k == only:
-            out.append(_phase_out(res, folder, model, dist, k, "curriculum", st.loss))
+            out.append(_phase_out(res, folder, model, dist, k, "curriculum", st.loss, sampler))
     return out
 
 
@@ -184,7 +185,7 @@ def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder:
     # a baseline keeps its best validated step whatever the base encoder scored (start_val -1)
     res = train_phase(model, data, spec, folder / name, cfg=cfg, start_val=-1.0, dist=dist, progress=progress,
                       stop_after_steps=stop_after_steps)
-    out = _phase_out(res, folder, model, dist, 0, name, "mnr")
+    out = _phase_out(res, folder, model, dist, 0, name, "mnr", sampler)
     out["vs_base_encoder"] = round(res.best_val - base_val, 5)
     return out
 
@@ -272,10 +273,11 @@ def run_cli(cfg, workspace: Path, *, stage: int | None = None, baseline: str | N
     import torch
 
     from assay.store import Store
-    from assay.trainer.loop import init_dist
+    from assay.trainer.loop import init_dist, rank_device
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cfg.store.threads))
-    dist = init_dist()
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"device": rank_device(cfg.models.device)})})
+    dist = init_dist(cfg.models.device)
     if not dist.enabled:
         with Store.open(workspace, threads=cfg.store.threads, memory_limit=cfg.store.memory_limit) as store:
             return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress)
