@@ -55,6 +55,14 @@ def workspace_summary(store: Store) -> dict:
         t["candidates"]["details"] = f"{nq:,} queries, {avg:,.0f} candidates per query"
     if t["labels"]["rows"]:
         t["labels"]["details"] = _dist(store, "SELECT coalesce(decided_by, status), count(*) FROM labels GROUP BY 1 ORDER BY 2 DESC")
+    if t["examples"]["rows"]:
+        t["examples"]["details"] = (_dist(store, """SELECT ['easy_pos', 'hard_pos', 'hard_neg', 'token_sim_neg',
+                                                          'random_neg'][tier], count(*) FROM examples GROUP BY tier
+                                                   ORDER BY tier""")
+                                    + " | " + _dist(store, "SELECT split, count(*) FROM examples GROUP BY 1 ORDER BY 1"))
+    if t["checkpoints"]["rows"]:
+        t["checkpoints"]["details"] = _dist(store, """SELECT name || CASE WHEN kept THEN '' ELSE ' (skipped)' END,
+                                                      count(*) FROM checkpoints GROUP BY 1 ORDER BY 1""")
     # hide internal bookkeeping tables that are empty
     shown = {k: v for k, v in tables.items() if v["rows"] or k in ("products", "queries", "engagement", "human_labels", "rejects", "runs")}
     return {"workspace": str(store.root), "schema_version": store.schema_version(), "tables": shown}
