@@ -157,4 +157,4 @@ def labeled_master(mined_master, tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def labeled_workspace(labeled_master, tmp_path) -> Path:
-    return copy_ws(labeled_master, tmp_path / "ws")
+    return copy_ws(labeled_master, tmp_path / "lws")
