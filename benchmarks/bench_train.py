@@ -15,7 +15,8 @@ to ~60; queries ~6).
   queries at most 32; once with the defaults, once with the token embeddings trainable and once encoding each
   batch's items as one padded block (``item_chunk 0``), so the table shows where the difference comes from.
 
-Every configuration runs in its own process (peak memory is that process's maximum resident set), after one
+Every configuration runs in its own process (peak memory is that process's maximum resident set: the model,
+the optimizer and the activations; the triplets are built once by the parent), after one
 untimed warm-up step, on ``--threads`` threads. Examples/s counts training triplets (one query, its positive and
 its negative) per second; the ratio column divides by the peer's.
 """
@@ -126,11 +127,11 @@ CONFIGS = {
 }
 
 
-def child(name: str, steps: int, batch: int, threads: int) -> None:
+def child(name: str, steps: int, batch: int, threads: int, data_file: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    data = triplets()
+    data = tuple(json.loads(Path(data_file).read_text()))
     kind, over = CONFIGS[name]
     res = run_peer(data, steps, batch) if kind == "peer" else run_assay(data, steps, batch, **over)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -143,16 +144,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.steps, a.batch, a.threads)
+        child(a.child, a.steps, a.batch, a.threads, a.data)
         return
+    # the triplets are built once here, so a child's peak memory is its training alone
+    data_file = Path(tempfile.mkdtemp(prefix="bench_train_")) / "triplets.json"
+    data_file.write_text(json.dumps(triplets()))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     rows = {}
     for name in CONFIGS:
         p = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--batch",
-                            str(a.batch), "--threads", str(a.threads)], env=env, capture_output=True, text=True)
+                            str(a.batch), "--threads", str(a.threads), "--data", str(data_file)], env=env, capture_output=True, text=True)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{name}: failed\n{p.stderr[-2000:]}")
