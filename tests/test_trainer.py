@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from assay.config import AssayConfig, CurriculumConfig, ModelsConfig, TrainConfig
+from assay.config import CurriculumConfig, ModelsConfig, TrainConfig
 from assay.store import Store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,6 @@ validation metric used for checkpoint selection.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import islice
 from numbers import Real

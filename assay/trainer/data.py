@@ -14,7 +14,7 @@ groups r, r + world, ... of the same global batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -71,7 +71,6 @@ class TrainData:
     val: ValPool
     examples_run_id: str
     clicks: tuple[np.ndarray, np.ndarray] | None = None  # (query_idx, item_idx) engaged pairs of train queries
-    _groups: dict = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
         return {"examples": int(len(self.ex_query)), "train_examples": int((self.ex_split == "train").sum()),

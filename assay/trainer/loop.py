@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -372,6 +371,3 @@ def _save_state(state_dir: Path, step: int, model, opt, sched, loss_fn, meta: di
         if old != sdir:
             shutil.rmtree(old, ignore_errors=True)
 
-
-def nan_to_neg(x: float) -> float:
-    return -1.0 if x is None or math.isnan(x) else x
