@@ -72,7 +72,8 @@ def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: st
     import faiss
     import torch
 
-    from assay.trainer.loop import _encode
+    from assay.trainer.loop import encode_by_length
+    from assay.trainer.model import soft_dot
 
     cache = EmbeddingCache(artifacts, digest(["twotower-items", sha, TEXT_TEMPLATE_VERSION, model.item_max_length]))
     shas = text_shas(catalog.texts)
@@ -81,10 +82,10 @@ def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: st
     model.eval()
     with torch.inference_mode():
         if len(miss):
-            new = _encode(model.encode_items, [catalog.texts[i] for i in miss], 128).cpu().numpy()
+            new = encode_by_length(model.encode_items, [catalog.texts[i] for i in miss], 128).float().cpu().numpy()
             cache.add(shas[miss], new)
             vecs[miss] = new
-        q = _encode(model.encode_queries, query_texts, 128).cpu().numpy()
+        q = encode_by_length(model.encode_queries, query_texts, 128).float().cpu().numpy()
     index = faiss.IndexFlatIP(vecs.shape[1])
     index.add(np.ascontiguousarray(vecs, dtype=np.float32))
     if q.ndim == 2:
@@ -94,9 +95,7 @@ def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: st
     for r in range(len(q)):
         cand = np.unique(index.search(np.ascontiguousarray(q[r]), k)[1].ravel())
         cand = cand[cand >= 0]
-        s = q[r] @ vecs[cand].T  # (H, n)
-        w = np.exp(model.beta * (s - s.max(0)))
-        score = (w / w.sum(0) * s).sum(0)
+        score = soft_dot(torch.from_numpy(q[r][None]), torch.from_numpy(vecs[cand]), model.beta)[0].numpy()
         top = cand[np.argsort(-score, kind="stable")[:k]]
         out[r, :len(top)] = top
     return out

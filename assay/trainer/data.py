@@ -103,7 +103,8 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
             raise ValueError("the click baseline needs engagement with clicks; the workspace has none "
                              "(ingest an engagement log with `assay ingest`)")
         all_q = sorted({r[0] for r in rows})
-        split = dict(zip(all_q, split_of(all_q, *_split_fractions(store), seed=_split_seed(store))))
+        sp = store.get_meta("curriculum_split", {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 13})
+        split = dict(zip(all_q, split_of(all_q, sp["val_fraction"], sp["test_fraction"], sp["seed"])))
         kept = [r for r in rows if split[r[0]] == "train"]
         click_q, click_i = [r[0] for r in kept], [r[1] for r in kept]
     # random negatives: a seeded sample of the catalog (the whole catalog when it is small)
@@ -136,15 +137,6 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
              len(qids_ex), int((data.ex_split == "train").sum()), data.val.n_queries, len(data.val.grade),
              len(sample), n_products)
     return data
-
-
-def _split_fractions(store: Store) -> tuple[float, float]:
-    cfg = store.get_meta("curriculum_split", {"val_fraction": 0.1, "test_fraction": 0.1})
-    return cfg["val_fraction"], cfg["test_fraction"]
-
-
-def _split_seed(store: Store) -> int:
-    return int(store.get_meta("curriculum_split", {}).get("seed", 13))
 
 
 def _val_pool(store: Store, val_q: list[str], per_query: int, seed: int) -> dict:

@@ -36,7 +36,7 @@ import torch
 from assay.eval.metrics import mean_rerank_ndcg
 from assay.trainer.data import Batch, TrainData
 from assay.trainer.losses import get_loss
-from assay.trainer.model import TwoTower
+from assay.trainer.model import TwoTower, pair_scores
 
 log = logging.getLogger(__name__)
 
@@ -126,33 +126,17 @@ def validate(model: TwoTower, data: TrainData, batch_size: int = 128) -> float:
     with torch.inference_mode():
         uq, q_inv = np.unique(v.query_idx, return_inverse=True)
         ui, i_inv = np.unique(v.item_idx, return_inverse=True)
-        q = _encode(model.encode_queries, [data.query_texts[i] for i in uq], batch_size)
-        it = _encode(model.encode_items, [data.item_texts[i] for i in ui], batch_size)
-        # score each pair with its own query: gather rows, one pair per row
+        q = encode_by_length(model.encode_queries, [data.query_texts[i] for i in uq], batch_size).float()
+        it = encode_by_length(model.encode_items, [data.item_texts[i] for i in ui], batch_size).float()
+        # score each pair with its own query, a block of pairs at a time
         scores = np.empty(len(v.grade), dtype=np.float32)
         for lo in range(0, len(v.grade), 4096):
             sl = slice(lo, lo + 4096)
-            qq = q[torch.as_tensor(q_inv[sl])]
-            ii = it[torch.as_tensor(i_inv[sl])]
-            if qq.dim() == 2:
-                s = (qq * ii).sum(-1)
-            else:
-                h = torch.einsum("bhd,bd->bh", qq, ii)
-                s = (torch.softmax(model.beta * h, dim=1) * h).sum(1)
-            scores[sl] = s.float().cpu().numpy()
+            s = pair_scores(q[torch.as_tensor(q_inv[sl])], it[torch.as_tensor(i_inv[sl])], model.beta)
+            scores[sl] = s.cpu().numpy()
     model.train(was)
     mean, _ = mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)
     return float(mean)
-
-
-def _encode(fn, texts: list[str], batch_size: int) -> torch.Tensor:
-    # sort by length so each batch pads little, then restore the order
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    out = [fn([texts[i] for i in order[lo:lo + batch_size]]) for lo in range(0, len(texts), batch_size)]
-    emb = torch.cat(out).float()
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.as_tensor(order)] = torch.arange(len(order))
-    return emb[inv]
 
 
 def _autocast(device: str, precision: str):
@@ -176,9 +160,9 @@ def _step_seed(seed: int, stage: int, step: int, rank: int) -> int:
 
 
 def encode_by_length(fn, texts: list[str], chunk: int) -> torch.Tensor:
-    """Encode texts (with gradients) in chunks of similar length, so each chunk pads to its own longest text
-    rather than the batch's; returns rows in the input order. The same gradients as one padded batch, for less
-    compute (item texts vary from ~15 to ~60 tokens)."""
+    """Encode texts in chunks of similar length, so each chunk pads to its own longest text rather than the
+    batch's; returns rows in the input order. In training it gives the same gradients as one padded batch for
+    less compute (item texts vary from ~15 to ~60 tokens); validation and evaluation use it under inference mode."""
     if chunk <= 0 or len(texts) <= chunk:
         return fn(texts)
     order = np.argsort([len(t) for t in texts], kind="stable")
@@ -230,8 +214,7 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
 
 
 def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path, *, cfg, start_val: float,
-                dist: Dist = Dist(), progress: bool = True, on_best=None,
-                stop_after_steps: int | None = None) -> PhaseResult:
+                dist: Dist = Dist(), progress: bool = True, stop_after_steps: int | None = None) -> PhaseResult:
     """Train one phase from ``model``'s current weights. Returns its result; leaves the best weights in ``model``
     (or the starting weights when no validation beat ``start_val``)."""
     folder = Path(folder)
@@ -304,12 +287,9 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
                 best_state = copy.deepcopy(model.state_dict())
                 if dist.main:
                     _atomic_torch_save(best_state, folder / "best-state.pt")
-                    if on_best is not None:
-                        on_best(model, step, val)
         if step % cfg.checkpoint_every == 0 and step < spec.steps and dist.main:
             _save_state(state_dir, step, model, opt, sched, loss_fn,
                         {"best_val": best_val, "best_step": best_step, "history": history})
-        dist.barrier()
     bar.close()
     seconds = time.perf_counter() - t0
     improved = best_state is not None and best_val > start_val + cfg.min_improvement

@@ -186,6 +186,14 @@ def soft_dot(q: torch.Tensor, items: torch.Tensor, beta: float) -> torch.Tensor:
     return (torch.softmax(beta * s, dim=1) * s).sum(dim=1)
 
 
+def pair_scores(q: torch.Tensor, items: torch.Tensor, beta: float) -> torch.Tensor:
+    """(P,) similarity of P (query, item) pairs given row by row: the diagonal of :func:`soft_dot`."""
+    if q.dim() == 2:
+        return (q * items).sum(-1)
+    h = torch.einsum("phd,pd->ph", q, items)
+    return (torch.softmax(beta * h, dim=1) * h).sum(dim=1)
+
+
 def checkpoint_sha(path: str | Path) -> str:
     """Content hash of a checkpoint's weight files (query and item towers)."""
     path = Path(path)
