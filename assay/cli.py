@@ -229,12 +229,15 @@ def _render_mine(s: dict) -> None:
 def teachers_train(judge: Optional[list[str]] = typer.Option(None, "--judge", help="train only this judge (repeatable)"),
                    workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
                    set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
-    """Fine-tune the classifier judges (cross-encoder, LLM classifier) on the human train split."""
+    """Train the features judge and fine-tune the classifier judges (cross-encoder, LLM classifier) on the human
+    train split (annotate.train_on: seed pairs, mined pairs or both)."""
     from assay.annotate import teachers
 
     ctx = Ctx(workspace, config, set_, quiet)
     s = _stage(ctx, lambda store: teachers.run(ctx.cfg.annotate, store, only=judge, progress=not quiet))
-    _emit(s, as_json, lambda s: _kv_table(f"teachers trained on {s['train_pairs']:,} pairs", s["judges"]))
+    _emit(s, as_json, lambda s: _kv_table(
+        f"teachers trained on {s['train_pairs']:,} pairs ({s['seed_pairs']:,} seed, {s['mined_pairs']:,} mined; "
+        f"grades 0-4: {s['grade_counts']})", s["judges"]))
 
 
 @app.command()
@@ -248,13 +251,18 @@ def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
     def render(s: dict) -> None:
         t = Table(title=f"calibration on {s['calib_pairs']:,} pairs (target agreement {s['target_agreement']:.3f}, "
                         f"{s['target_source']})")
-        for c in ("judge", "graded", "accuracy", "ECE before", "ECE after", "ms/pair", "reach", "thresholds 0-4"):
+        for c in ("judge", "graded", "accuracy", "recall per grade 0-4", "ECE before", "ECE after", "ms/pair", "reach",
+                  "thresholds 0-4"):
             t.add_column(c)
         for name, j in s["judges"].items():
             th = " ".join("-" if x is None else f"{x:.2f}" for x in s["thresholds"][name])
-            t.add_row(name, str(j["graded"]), f"{j['accuracy']:.3f}", f"{j['ece_before']:.3f}", f"{j['ece_after']:.3f}",
-                      f"{j['ms_per_pair']:.1f}", f"{s['reach'][name]:.1%}", th)
+            rec = " ".join("-" if x is None else f"{x:.2f}" for x in j["grade_recall"])
+            t.add_row(name, str(j["graded"]), f"{j['accuracy']:.3f}", rec, f"{j['ece_before']:.3f}",
+                      f"{j['ece_after']:.3f}", f"{j['ms_per_pair']:.2f}", f"{s['reach'][name]:.1%}", th)
         console.print(t)
+        f = s["fitted_on"]
+        console.print(f"fitted on the calib split, pool {f['pool']}: {f['seed_pairs']:,} seed pairs and "
+                      f"{f['mined_pairs']:,} mined pairs; metric {f['metric']}")
         console.print(f"cascade on calib: accuracy {s['cascade_accuracy_on_calib']:.3f} (target "
                       f"{s['target_agreement']:.3f} - {s['agreement_tolerance']}, {s['target_source']}"
                       f"{'' if s['target_met'] else ', NOT met: kept the most accurate thresholds'}), "
@@ -291,7 +299,8 @@ def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the co
 @app.command()
 def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
               set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
-    """Agreement of each judge and of the cascade with the held-out human eval split (HTML + PNG report)."""
+    """Agreement of each judge and of the cascade: held-out human eval split, its seed and mined pairs, and (simulated
+    worlds) annotated mined pairs against truth (HTML + PNG report)."""
     from assay.annotate import agreement as agr
 
     ctx = Ctx(workspace, config, set_, quiet)
@@ -312,8 +321,60 @@ def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
         console.print(t)
         console.print(f"cascade vs best judge ({s['best_judge']}): {c['accuracy_minus_best_judge_points']:+.2f} points, "
                       f"compute {c['compute_vs_best_judge']:.1%} of it (vs last judge: {c['compute_vs_last_judge']:.1%})")
+        d = Table(title="by distribution (cascade; recall per grade 0/1/2/3/4)")
+        for col in ("distribution", "pairs", "accuracy", "QWK", "recall per grade", "best judge", "its accuracy",
+                    "compute vs best"):
+            d.add_column(col)
+        rec = lambda r: " ".join("-" if x is None else f"{x:.2f}" for x in r)  # noqa: E731
+        for key, b in s["distributions"].items():
+            cb = b["cascade"]
+            d.add_row(key, f"{b['pairs']:,}", f"{cb['accuracy']:.3f}", f"{cb['qwk']:.3f}", rec(cb["grade_recall"]),
+                      b["best_judge"], f"{b['judges'][b['best_judge']]['accuracy']:.3f}",
+                      f"{cb['compute_vs_best_judge']:.1%}")
+        lvt = s.get("labels_vs_truth")
+        if lvt:
+            d.add_row("labels vs truth", f"{lvt['pairs']:,}", f"{lvt['accuracy']:.3f}", f"{lvt['qwk']:.3f}",
+                      rec(lvt["grade_recall"]), "-", "-", "-")
+        console.print(d)
+        console.print(f"thresholds fitted on: {s.get('thresholds_fitted_on')}")
         console.print(f"report: {s['report']}")
     _emit(s, as_json, render)
+
+
+@app.command("label-request")
+def label_request(out: Path = typer.Option(..., "--out", "-o", help="request file to write (.csv, .jsonl or .parquet)"),
+                  n: Optional[int] = typer.Option(None, "--n", help="pairs to request [label_request.n]"),
+                  workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                  set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Choose mined pairs for people to grade (strata of channel agreement and rank, plus the cascade's least
+    certain pairs); load the answers with `assay ingest --labels FILE`."""
+    from assay.annotate import requests
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: requests.run(ctx.cfg.label_request, store, out, n=n))
+
+    def render(s: dict) -> None:
+        console.print(f"requested {s['requested']:,} pairs over {s['queries']:,} queries (pool {s['pool']:,}) -> "
+                      f"{s['file']}")
+        _kv_table("by stratum", s["by_stratum"])
+        _kv_table("by reason / split", {**s["by_reason"], **{f"split {k}": v for k, v in s["by_split"].items()}})
+        console.print(f"fill grade (0-4) and annotator, then: assay ingest --labels {s['file']}")
+    _emit(s, as_json, render)
+
+
+@app.command("label-answer")
+def label_answer(request: Path = typer.Argument(..., help="a file written by `assay label-request`"),
+                 out: Path = typer.Option(..., "--out", "-o", help="answered file (same columns, grade filled)"),
+                 workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                 set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Simulated worlds only: the world's noisy annotators answer a label request."""
+    from assay.annotate import requests
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: requests.answer_simulated(store, request, out), read_only=True)
+    _emit(s, as_json, lambda s: console.print(
+        f"answered {s['answered']:,} pairs -> {s['file']} (annotator accuracy {s['annotator_accuracy']}); "
+        f"load them: assay ingest --labels {s['file']}"))
 
 
 # --------------------------------------------------------------------------- curriculum / train

@@ -148,9 +148,9 @@ class MiningConfig(Section):
         return self
 
 
-JudgeKind = Literal["cross_encoder", "llm_classifier", "prompted"]
+JudgeKind = Literal["features", "cross_encoder", "llm_classifier", "prompted"]
 DEFAULT_TEMPLATES = {"cross_encoder": "classifier_input.j2", "llm_classifier": "llm_classifier_input.j2",
-                     "prompted": "judge_grade.j2"}
+                     "prompted": "judge_grade.j2", "features": "features"}
 
 
 class JudgeConfig(Section):
@@ -169,6 +169,11 @@ class JudgeConfig(Section):
     learning_rate: float | None = Field(None, gt=0, description="None = 2e-4 (cross_encoder, measured: 5e-5 does not move a 5-class head off the majority grade on a few hundred pairs) or 1e-3 (LoRA of llm_classifier, measured: 2e-4 leaves SmolLM2-135M at 0.41 accuracy after an epoch of 4,179 pairs, 1e-3 reaches 0.62 in 1.5)")
     train_batch_size: int = Field(16, ge=1)
     max_train_pairs: int | None = Field(None, ge=1, description="cap on training pairs (None = all)")
+    class_weight: Literal["none", "sqrt", "balanced"] = Field(
+        "none", description="loss weight per grade from its share of the training labels: none, sqrt (inverse square "
+                            "root of the share) or balanced (inverse share); rare grades (4 on a seed set) count more")
+    trees: int = Field(300, ge=1, description="features judge: boosting iterations (early-stopped on 10% of the "
+                                              "training pairs)")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -219,6 +224,18 @@ class AnnotateConfig(Section):
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
     sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
     max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")
+    agreement_metric: Literal["accuracy", "balanced"] = Field(
+        "accuracy", description="what `assay calibrate` asks the cascade to keep within agreement_tolerance of its "
+                                "best judge: accuracy, or balanced = the mean of accuracy and the mean per-grade "
+                                "recall (a cascade that drops a rare grade is not cheaper for free)")
+    train_on: Literal["all", "seed", "mined"] = Field(
+        "all", description="which human train labels `assay teachers train` fits the judges on: all, seed pairs only, "
+                           "or mined pairs only (answers to `assay label-request`)")
+    calibrate_on: Literal["all", "seed", "mined"] = Field(
+        "all", description="which human calib labels `assay calibrate` fits calibrators and thresholds on: all, "
+                           "seed pairs only, or mined pairs only (answers to `assay label-request`)")
+    agreement_sample: int = Field(2000, ge=10, description="mined pairs `assay agreement` grades with every judge "
+                                                           "against the simulator's truth (simulated worlds)")
 
     @model_validator(mode="after")
     def _judges(self) -> "AnnotateConfig":
@@ -239,6 +256,35 @@ class AnnotateConfig(Section):
             if j.name == name:
                 return j
         raise KeyError(f"Unknown judge {name!r}. Available: {[j.name for j in self.judges]}")
+
+
+class LabelRequestConfig(Section):
+    """`assay label-request`: which mined pairs people should grade. Mined pairs are not drawn like a seed set
+    (more grade 3 and 4, harder negatives), so judges trained and calibrated on them label the training data better
+    (docs/labels.md)."""
+
+    n: int = Field(2000, ge=1, description="pairs per request")
+    uncertainty_share: float = Field(
+        0.3, ge=0, le=1, description="share of the request spent on pairs the cascade was least sure of (lowest "
+                                     "confidence, judges disagreeing); the rest is stratified. Needs labels; without "
+                                     "them the whole request is stratified")
+    rank_buckets: list[int] = Field([10, 50], description="best-rank cut points of the strata (1-10, 11-50, 51+)")
+    min_per_stratum: int = Field(5, ge=0, description="floor per stratum before proportional allocation")
+    max_per_query: int = Field(20, ge=1, description="pairs per query at most (annotators read a query once)")
+    split_fractions: dict[str, float] = Field(
+        {"train": 0.6, "calib": 0.2, "eval": 0.2},
+        description="split of requested pairs, by query (a query already in a human split keeps it)")
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabelRequestConfig":
+        if set(self.split_fractions) - {"train", "calib", "eval"}:
+            raise ValueError("split_fractions keys are train, calib and eval")
+        if abs(sum(self.split_fractions.values()) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
+        if sorted(self.rank_buckets) != self.rank_buckets or any(b < 1 for b in self.rank_buckets):
+            raise ValueError("rank_buckets must be increasing positive ranks")
+        return self
 
 
 class TierConfig(Section):
@@ -384,6 +430,7 @@ class AssayConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    label_request: LabelRequestConfig = Field(default_factory=LabelRequestConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -128,5 +128,6 @@ def encode_cached(encoder: Encoder, texts: list[str], cache_root: Path, progress
         bar.close()
         vecs[missing] = new[inv]
     stats = {"texts": len(texts), "cached": int(found.sum()), "encoded": int(len(missing))}
-    log.info("embeddings: %d texts, %d from cache, %d encoded", len(texts), stats["cached"], stats["encoded"])
+    (log.info if len(missing) else log.debug)("embeddings: %d texts, %d from cache, %d encoded", len(texts),
+                                              stats["cached"], stats["encoded"])
     return vecs, stats

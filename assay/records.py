@@ -279,6 +279,23 @@ LABEL_VOTES = _t(
     doc="Every judge's vote on every pair it saw, with its raw output and parse status.",
 )
 
+LABEL_REQUESTS = _t(
+    "label_requests",
+    [
+        ("request_id", "VARCHAR NOT NULL"),
+        ("query_id", "VARCHAR NOT NULL"),
+        ("item_id", "VARCHAR NOT NULL"),
+        ("stratum", "VARCHAR"),  # n_channels / best-rank bucket, or neg:<kind>
+        ("reason", "VARCHAR"),  # stratified | uncertain
+        ("split", "VARCHAR"),  # train | calib | eval (by query)
+        ("confidence", "FLOAT"),  # the cascade's confidence when the pair was requested (null: not labeled yet)
+        ("run_id", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    key=("query_id", "item_id"),
+    doc="Mined pairs sent to people for grading (`assay label-request`); their answers land in human_labels.",
+)
+
 # ---- curriculum / training / serving ------------------------------------------
 EXAMPLES = _t(
     "examples",
@@ -334,7 +351,7 @@ ALL_TABLES: dict[str, TableSchema] = {
     t.name: t
     for t in [
         PRODUCTS, QUERIES, ENGAGEMENT, HUMAN_LABELS, REJECTS, RUNS, META, TRUTH_ITEMS, TRUTH_QUERIES,
-        CANDIDATES, NEGATIVES, MINING_PROGRESS, CHANNEL_HITS, LABELS, LABEL_VOTES, EXAMPLES,
+        CANDIDATES, NEGATIVES, MINING_PROGRESS, CHANNEL_HITS, LABELS, LABEL_VOTES, LABEL_REQUESTS, EXAMPLES,
         CHECKPOINTS, INDEXES,
     ]
 }

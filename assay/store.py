@@ -74,6 +74,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS step INTEGER",
         "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
     )),
+    Migration(7, "label requests", ("label_requests",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

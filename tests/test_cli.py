@@ -92,3 +92,22 @@ def test_annotate_commands_explain_what_to_run_first(tiny_workspace):
     assert est["work"] == 0 and est["calibrated"] is False  # nothing mined yet: no work, and it says so
     r = runner.invoke(app, ["teachers", "train", "-w", ws, "-q", "--judge", "nope"])
     assert r.exit_code == 2 and "Unknown judge 'nope'" in r.output
+
+
+def test_label_request_answer_ingest_from_the_cli(mined_master, tmp_path):
+    from conftest import copy_ws
+
+    ws = str(copy_ws(mined_master[0], tmp_path / "ws"))
+    r = runner.invoke(app, ["label-request", "-w", str(tmp_path / "empty"), "-q", "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 2 and "assay mine" in r.output  # nothing mined: says what to run first
+    req, ans = str(tmp_path / "req.jsonl"), str(tmp_path / "ans.jsonl")
+    r = runner.invoke(app, ["label-request", "-w", ws, "-q", "--n", "120", "--out", req, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["requested"] == 120
+    r = runner.invoke(app, ["label-answer", req, "--out", ans, "-w", ws, "-q"])
+    assert r.exit_code == 0 and "answered 120 pairs" in r.output, r.output
+    r = runner.invoke(app, ["ingest", "--labels", ans, "-w", ws, "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["tables"]["human_labels"]["accepted"] == 120
+    r = runner.invoke(app, ["label-request", "-w", ws, "-q", "--out", str(tmp_path / "r.xlsx")])
+    assert r.exit_code == 2 and "csv" in r.output  # an unknown format names the ones there are

@@ -119,10 +119,29 @@ class CascadeFit:
     decisions: Decisions  # the chosen cascade replayed on the fitting pairs (reach, decided_by)
 
 
+def agreement_score(pred: np.ndarray, human: np.ndarray, metric: str = "accuracy") -> float:
+    """``accuracy`` or ``balanced`` (the mean of accuracy and the mean recall over the grades present) of the
+    graded pairs (``pred >= 0``)."""
+    ok = pred >= 0
+    if not ok.any():
+        return 0.0
+    p, y = pred[ok], human[ok]
+    acc = float((p == y).mean())
+    if metric == "accuracy":
+        return acc
+    if metric != "balanced":
+        raise ValueError(f"agreement metric must be accuracy or balanced, got {metric!r}")
+    rec = [float((p[y == g] == g).mean()) for g in range(5) if (y == g).any()]
+    return 0.5 * acc + 0.5 * float(np.mean(rec))
+
+
 def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float, *,
                 tolerance: float, min_support: int, names: list[str] | None = None, grid: int = 16,
-                max_combinations: int = 20000) -> CascadeFit:
+                max_combinations: int = 20000, metric: str = "accuracy") -> CascadeFit:
     """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
+
+    Agreement is :func:`agreement_score` with ``metric`` (``annotate.agreement_metric``); ``accuracy`` in
+    :class:`CascadeFit` holds that score.
 
     ``tolerance`` and ``min_support`` come from the config (``annotate.agreement_tolerance``,
     ``annotate.min_support``); ``names`` label ``decisions.decided_by`` (default: judge indices).
@@ -149,8 +168,7 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
         if taus not in cache:
             th = [th_of(j, t) for j, t in enumerate(taus)]
             d = route(calibrated, names, th)
-            ok = d.grade >= 0
-            acc = float((d.grade[ok] == human[ok]).mean()) if ok.any() else 0.0
+            acc = agreement_score(d.grade, human, metric)
             cost = float(sum(c * r for c, r in zip(costs, d.reached.mean(axis=1))))
             cache[taus] = (acc, cost, th)
         return cache[taus]

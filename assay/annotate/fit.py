@@ -18,8 +18,9 @@ import time
 import numpy as np
 
 from assay.annotate import calibrate as cal_mod
-from assay.annotate.cascade import NEVER, fit_cascade
-from assay.annotate.pairs import human_pairs
+from assay.annotate.agreement import grade_recall
+from assay.annotate.cascade import NEVER, agreement_score, fit_cascade
+from assay.annotate.pairs import count_mined, human_pairs
 from assay.annotate.runtime import calibrator_file, cascade_file, cascade_sha
 from assay.config import AnnotateConfig
 from assay.store import Store
@@ -29,12 +30,15 @@ log = logging.getLogger(__name__)
 
 def prepare_judges(cfg: AnnotateConfig, store: Store) -> list:
     """Load every judge; prompted judges with few_shot > 0 get examples from the train split
-    (one per grade in turn, deterministic), the same in calibrate, annotate and agreement."""
+    (one per grade in turn, deterministic), the same in calibrate, annotate and agreement; judges
+    that read mining signals are bound to the workspace."""
     from assay.annotate.judges import load_judge
 
     judges = []
     for j in cfg.judges:
         judge = load_judge(j, store.artifacts)
+        if hasattr(judge, "bind"):  # judges that read the workspace (the features judge)
+            judge.bind(store)
         if getattr(j, "few_shot", 0) and hasattr(judge, "set_examples"):
             judge.set_examples(few_shot_examples(store, j.few_shot))
         judges.append(judge)
@@ -60,9 +64,12 @@ def few_shot_examples(store: Store, n: int) -> list[dict]:
 
 
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None) -> dict:
-    pairs, y = human_pairs(store, "calib")
+    pairs, y = human_pairs(store, "calib", pool=cfg.calibrate_on)
+    n_mined = count_mined(store, pairs)
+    fitted_on = {"split": "calib", "pool": cfg.calibrate_on, "seed_pairs": len(pairs) - n_mined, "mined_pairs": n_mined,
+                 "metric": cfg.agreement_metric}
     judges = judges or prepare_judges(cfg, store)
-    summary: dict = {"calib_pairs": len(pairs), "judges": {}}
+    summary: dict = {"calib_pairs": len(pairs), "fitted_on": fitted_on, "judges": {}}
     calibrated, latency = [], []
     with store.run("calibrate", {"annotate": cfg.model_dump(mode="json")}) as run_id:
         for jcfg, judge in zip(cfg.judges, judges):
@@ -83,15 +90,18 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
                 "ece_before": round(cal_mod.ece(out.probs, y), 4), "ece_after": round(cal_mod.ece(cp, y), 4),
                 "brier_before": round(cal_mod.brier(out.probs, y), 4), "brier_after": round(cal_mod.brier(cp, y), 4),
                 "accuracy": round(cal_mod.accuracy(cp.argmax(axis=1)[ok], y[ok]), 4),
+                "score": round(agreement_score(np.where(ok, np.nan_to_num(cp, nan=-1).argmax(axis=1), -1), y,
+                                               cfg.agreement_metric), 4),
+                "grade_recall": grade_recall(cal_mod.confusion(cp.argmax(axis=1)[ok], y[ok])),
                 "ms_per_pair": round(latency[-1], 2), "seconds": round(secs, 1)}
-        accs = [summary["judges"][j.name]["accuracy"] for j in cfg.judges]
-        target = cfg.target_agreement or max(accs)
+        scores = [summary["judges"][j.name]["score"] for j in cfg.judges]
+        target = cfg.target_agreement or max(scores)
         fit = fit_cascade(calibrated, y, latency, target, tolerance=cfg.agreement_tolerance,
-                          min_support=cfg.min_support, names=[j.name for j in cfg.judges])
+                          min_support=cfg.min_support, names=[j.name for j in cfg.judges], metric=cfg.agreement_metric)
         th, dec = fit.thresholds, fit.decisions
         if not fit.met_target:
-            log.warning("no threshold combination reaches agreement %.4f - %.4f on the calibration split; kept the "
-                        "most accurate one (%.4f)", target, cfg.agreement_tolerance, fit.accuracy)
+            log.warning("no threshold combination reaches %s %.4f - %.4f on the calibration split; kept the "
+                        "best one (%.4f)", cfg.agreement_metric, target, cfg.agreement_tolerance, fit.accuracy)
         reach = dec.reached.mean(axis=1)
         summary.update({
             "target_agreement": round(float(target), 4), "target_source": "config" if cfg.target_agreement else "best judge",
@@ -101,7 +111,10 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
             "thresholds": {j.name: [None if t >= NEVER else round(float(t), 4) for t in t_]
                            for j, t_ in zip(cfg.judges, th)},
             "reach": {j.name: round(float(r), 4) for j, r in zip(cfg.judges, reach)},
-            "cascade_accuracy_on_calib": round(fit.accuracy, 4),
+            "cascade_accuracy_on_calib": round(cal_mod.accuracy(dec.grade[dec.grade >= 0], y[dec.grade >= 0]), 4),
+            "cascade_score_on_calib": round(fit.accuracy, 4),
+            "cascade_grade_recall_on_calib": grade_recall(cal_mod.confusion(dec.grade[dec.grade >= 0],
+                                                                            y[dec.grade >= 0])),
             "decided_by": _counts([str(b) for b in dec.decided_by]),
             "ms_per_pair": {j.name: round(v, 2) for j, v in zip(cfg.judges, latency)},
         })
@@ -109,7 +122,8 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
         cf.parent.mkdir(parents=True, exist_ok=True)
         cf.write_text(json.dumps({k: summary[k] for k in ("target_agreement", "target_source", "agreement_tolerance",
                                                           "target_met", "thresholds", "reach", "ms_per_pair",
-                                                          "expected_ms_per_pair", "cascade_accuracy_on_calib")},
+                                                          "expected_ms_per_pair", "cascade_accuracy_on_calib",
+                                                          "fitted_on")},
                                  indent=1))
         summary["cascade_sha"] = cascade_sha(cfg, store.artifacts)
         summary["run_id"] = run_id

@@ -46,7 +46,8 @@ def _file_text(p: Path) -> str:
 def judge_identity(cfg: JudgeConfig, artifacts: Path) -> str:
     manifest = teacher_dir(artifacts, cfg.name) / "model" / "manifest.json"
     return digest([cfg.model_dump_json(exclude={"batch_size", "concurrency", "timeout_s", "max_retries"}),
-                   template_sha(cfg.template_name), _file_text(manifest),
+                   # the features judge renders no template; its manifest holds its feature list's sha
+                   template_sha(cfg.template_name) if cfg.kind != "features" else "", _file_text(manifest),
                    _file_text(calibrator_file(artifacts, cfg.name))])
 
 

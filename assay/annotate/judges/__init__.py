@@ -12,6 +12,7 @@ from pathlib import Path
 from assay.annotate.base import load_registered
 
 _KINDS = {
+    "features": ("assay.annotate.judges.features", "FeaturesJudge"),
     "cross_encoder": ("assay.annotate.judges.cross_encoder", "CrossEncoderJudge"),
     "llm_classifier": ("assay.annotate.judges.llm_classifier", "LLMClassifierJudge"),
     "prompted": ("assay.annotate.judges.prompted", "PromptedJudge"),

@@ -53,7 +53,7 @@ TRAIN_COMMAND = "`assay teachers train`"
 
 # JudgeConfig fields that change the trained weights (learning_rate is stored resolved).
 TRAIN_FIELDS = ("kind", "model", "template_name", "max_length", "epochs", "learning_rate", "train_batch_size",
-                "max_train_pairs", "seed")
+                "max_train_pairs", "class_weight", "seed")
 WARMUP_SHARE = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -124,10 +124,29 @@ def _device(model) -> torch.device:
 # training
 
 
+def class_weights(grades: np.ndarray, mode: str) -> np.ndarray | None:
+    """Loss weight per grade from its share of the training labels (``JudgeConfig.class_weight``).
+
+    ``none``: None (plain cross-entropy). ``balanced``: 1 / share. ``sqrt``: 1 / sqrt(share). Grades absent from
+    the labels get weight 0; the weights are scaled so the mean weight over the training pairs is 1, which keeps
+    the learning rate's meaning."""
+    if mode == "none":
+        return None
+    if mode not in ("sqrt", "balanced"):
+        raise ValueError(f"class_weight must be none, sqrt or balanced, got {mode!r}")
+    counts = np.bincount(np.asarray(grades, dtype=np.int64), minlength=N_GRADES).astype(np.float64)
+    share = counts / max(counts.sum(), 1.0)
+    w = np.zeros(N_GRADES)
+    has = share > 0
+    w[has] = share[has] ** (-1.0 if mode == "balanced" else -0.5)
+    return w / float((w * share).sum())
+
+
 def train_loop(model, tokenizer, texts: Sequence[str], grades: np.ndarray, *, max_length: int, epochs: float,
                batch_size: int, learning_rate: float, seed: int, keep_tail: int = 0, progress: bool = True,
-               desc: str = "train classifier") -> dict:
-    """Fine-tune ``model`` (a sequence classifier over 5 grades) in place with cross-entropy.
+               desc: str = "train classifier", class_weight: str = "none") -> dict:
+    """Fine-tune ``model`` (a sequence classifier over 5 grades) in place with cross-entropy, weighted per
+    grade by :func:`class_weights`.
 
     AdamW over the trainable parameters, linear warmup (10% of steps) then linear decay to 0,
     gradient norm clipped at 1. ``epochs`` may be fractional: training stops after
@@ -139,6 +158,8 @@ def train_loop(model, tokenizer, texts: Sequence[str], grades: np.ndarray, *, ma
     n = len(texts)
     ids = tokenize(tokenizer, texts, max_length, keep_tail)
     y = torch.as_tensor(np.asarray(grades), dtype=torch.long)
+    cw = class_weights(np.asarray(grades), class_weight)
+    weight = None if cw is None else torch.as_tensor(cw, dtype=torch.float32, device=_device(model))
     per_epoch = math.ceil(n / batch_size)
     total = max(1, math.ceil(epochs * per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,7 +180,7 @@ def train_loop(model, tokenizer, texts: Sequence[str], grades: np.ndarray, *, ma
             idx = order[start:start + batch_size]
             batch = {k: v.to(dev) for k, v in collate([ids[i] for i in idx], pad_id).items()}
             logits = model(**batch).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits, y[idx].to(dev))
+            loss = torch.nn.functional.cross_entropy(logits, y[idx].to(dev), weight=weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             opt.step()
@@ -177,6 +198,15 @@ def train_loop(model, tokenizer, texts: Sequence[str], grades: np.ndarray, *, ma
              float(np.mean(losses[-10:])))
     return {"steps": total, "epochs_run": epoch, "first_train_loss": round(losses[0], 6),
             "final_train_loss": round(float(np.mean(losses[-10:])), 6), "train_seconds": round(seconds, 3)}
+
+
+def cap_train_pairs(cfg, pairs: Sequence[Pair], grades: np.ndarray) -> tuple[list[Pair], np.ndarray]:
+    """At most ``cfg.max_train_pairs`` pairs, drawn (seeded by ``cfg.seed``) without changing their order."""
+    pairs = list(pairs)
+    if cfg.max_train_pairs is None or len(pairs) <= cfg.max_train_pairs:
+        return pairs, grades
+    keep = np.sort(np.random.default_rng([cfg.seed, 1]).choice(len(pairs), cfg.max_train_pairs, replace=False))
+    return [pairs[i] for i in keep], grades[keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +361,7 @@ class ClassifierJudge:
         The returned judge holds the in-memory model that was saved (no reload needed)."""
         from assay.models import model_sha
 
-        g = cls._check_inputs(cfg, pairs, grades)
-        pairs = list(pairs)
-        if cfg.max_train_pairs is not None and len(pairs) > cfg.max_train_pairs:
-            keep = np.sort(np.random.default_rng([cfg.seed, 1]).choice(len(pairs), cfg.max_train_pairs,
-                                                                         replace=False))
-            pairs, g = [pairs[i] for i in keep], g[keep]
+        pairs, g = cap_train_pairs(cfg, pairs, cls._check_inputs(cfg, pairs, grades))
         tcfg = cls.train_config(cfg)
         resolved = cls._resolve(cfg)
         texts = render_inputs(cfg.template_name, pairs)
@@ -345,7 +370,8 @@ class ClassifierJudge:
         model, tokenizer = cls._build(cfg, resolved)
         stats = train_loop(model, tokenizer, texts, g, max_length=cfg.max_length, epochs=cfg.epochs,
                            batch_size=cfg.train_batch_size, learning_rate=tcfg["learning_rate"], seed=cfg.seed,
-                           keep_tail=cls.keep_tail, progress=progress, desc=f"train {cfg.name}")
+                           keep_tail=cls.keep_tail, progress=progress, desc=f"train {cfg.name}",
+                           class_weight=cfg.class_weight)
 
         final = cls.model_dir(cfg, artifacts)
         tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
@@ -386,8 +412,9 @@ class ClassifierJudge:
         return cls(cfg, model, tokenizer, manifest), summary
 
     @classmethod
-    def train(cls, cfg, pairs: Sequence[Pair], grades, artifacts: Path, progress: bool = True) -> dict:
-        """Fine-tune on human-labelled pairs and save the model; returns the training summary."""
+    def train(cls, cfg, pairs: Sequence[Pair], grades, artifacts: Path, progress: bool = True, store=None) -> dict:
+        """Fine-tune on human-labelled pairs and save the model; returns the training summary (``store`` is
+        unused: a classifier reads only the pair text)."""
         return cls.fit(cfg, pairs, grades, artifacts, progress)[1]
 
     @classmethod

@@ -77,21 +77,12 @@ def sample_labels(tax: Taxonomy, oracle: TruthOracle, top: np.ndarray, cfg: Simu
     q_arr = np.concatenate(qs)
     i_arr = np.concatenate(its)
     truth = oracle.grade_idx(q_arr, i_arr)
-    # annotators, per query
-    acc = cfg.annotator_accuracy + rng.uniform(-cfg.annotator_accuracy_spread, cfg.annotator_accuracy_spread,
-                                               size=cfg.n_annotators)
-    acc = np.clip(acc, 0, 1)
+    # annotators, per query (accuracies drawn here first: the stream of earlier worlds stays the same)
+    acc = np.clip(cfg.annotator_accuracy + rng.uniform(-cfg.annotator_accuracy_spread, cfg.annotator_accuracy_spread,
+                                                       size=cfg.n_annotators), 0, 1)
     ann_of_query = rng.integers(0, cfg.n_annotators, size=n_lab)
     ann = ann_of_query[np.searchsorted(chosen, q_arr)]
-    wrong = rng.random(len(q_arr)) >= acc[ann]
-    near = rng.random(len(q_arr)) < cfg.annotator_near_miss
-    up = rng.random(len(q_arr)) < 0.5
-    step = np.where(up, 1, -1)
-    step = np.where(truth == 0, 1, np.where(truth == 4, -1, step))
-    far_choices = rng.integers(0, 5, size=len(q_arr))
-    far = np.where(np.abs(far_choices - truth) >= 2, far_choices,
-                   np.where(truth >= 2, truth - 2, truth + 2))  # a grade at distance >= 2
-    noisy = np.where(wrong, np.where(near, truth + step, far), truth).astype(np.int8)
+    noisy = noisy_grades(truth, ann, acc, cfg.annotator_near_miss, rng)
     # splits by query
     names = list(cfg.split_fractions)
     fr = np.array([cfg.split_fractions[k] for k in names])
@@ -103,7 +94,38 @@ def sample_labels(tax: Taxonomy, oracle: TruthOracle, top: np.ndarray, cfg: Simu
         split_of[order[prev:c]] = name
         prev = c
     pos = np.searchsorted(chosen, q_arr)
-    width = max(2, len(str(cfg.n_annotators)))
-    return Labels(q=q_arr, item=i_arr, grade=noisy, truth=truth,
-                  annotator=[f"ann{a + 1:0{width}d}" for a in ann.tolist()],
+    return Labels(q=q_arr, item=i_arr, grade=noisy, truth=truth, annotator=annotator_names(ann, cfg),
                   split=split_of[pos].tolist())
+
+
+def annotator_accuracies(cfg: SimulateConfig) -> np.ndarray:
+    """P(label == truth) of each annotator who answers label requests: ``annotator_accuracy`` ±
+    ``annotator_accuracy_spread``, fixed by the seed (the same mean and spread as the seed set's annotators)."""
+    rng = rng_for(cfg.seed, "request-annotators")
+    acc = cfg.annotator_accuracy + rng.uniform(-cfg.annotator_accuracy_spread, cfg.annotator_accuracy_spread,
+                                               size=cfg.n_annotators)
+    return np.clip(acc, 0, 1)
+
+
+def annotator_names(ann: np.ndarray, cfg: SimulateConfig) -> list[str]:
+    width = max(2, len(str(cfg.n_annotators)))
+    return [f"ann{a + 1:0{width}d}" for a in np.asarray(ann).tolist()]
+
+
+def noisy_grades(truth: np.ndarray, ann: np.ndarray, acc: np.ndarray, near_miss: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """What annotators ``ann`` (indices into ``acc``) answer for pairs whose true grades are ``truth``.
+
+    A label is right with the annotator's accuracy; a wrong one is off by exactly one grade with probability
+    ``near_miss`` (towards the inside of the scale at 0 and 4), otherwise a grade at distance >= 2."""
+    truth = np.asarray(truth, dtype=np.int64)
+    n = len(truth)
+    wrong = rng.random(n) >= acc[ann]
+    near = rng.random(n) < near_miss
+    up = rng.random(n) < 0.5
+    step = np.where(up, 1, -1)
+    step = np.where(truth == 0, 1, np.where(truth == 4, -1, step))
+    far_choices = rng.integers(0, 5, size=n)
+    far = np.where(np.abs(far_choices - truth) >= 2, far_choices,
+                   np.where(truth >= 2, truth - 2, truth + 2))  # a grade at distance >= 2
+    return np.where(wrong, np.where(near, truth + step, far), truth).astype(np.int8)
