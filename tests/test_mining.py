@@ -109,6 +109,15 @@ def test_bm25_char_grams_tolerate_typos():
     assert both.search(["coffee table"], 3).idx[0][0] == 1
 
 
+def test_bm25_index_build_prints_no_debug_lines(caplog):
+    """bm25s turns its own logger to DEBUG while indexing; assay keeps only its warnings."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        BM25Index.build(["red ceramic mug", "blue velvet sofa", "oak dining table"] * 4)
+    assert not [r for r in caplog.records if r.name.startswith("bm25s") and r.levelno < logging.WARNING]
+
+
 def test_click_scores_are_position_debiased():
     # the same query: item a shown at rank 1 (where everything gets clicks), item b at rank 8
     eng = pa.table({

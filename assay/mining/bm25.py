@@ -24,6 +24,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+# bm25s sets its own logger to DEBUG while indexing ("Building index from tokens"); keep its warnings only
+logging.getLogger("bm25s").addFilter(_below_warning)
+
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 TOKENIZERS = ("stem", "char3", "stem+char3")
 
