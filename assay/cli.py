@@ -480,6 +480,46 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
 
 
 # --------------------------------------------------------------------------- inspection
+# --------------------------------------------------------------------------- serving
+@app.command("export-index")
+def export_index(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint folder "
+                                                          "[serve.checkpoint; the newest kept curriculum one]"),
+                 workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                 set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Encode the catalog with the item tower and build a FAISS index bound to the checkpoint by its manifest."""
+    from assay.serving import index as serving
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: serving.export(ctx.cfg, store, checkpoint=checkpoint, progress=not quiet))
+    _emit(s, as_json, lambda s: _kv_table(f"index {s['index_id']} -> {s['path']}", {
+        k: s[k] for k in ("checkpoint_sha", "kind", "factory", "n_items", "dim", "recall@100", "recall_queries",
+                          "encode_seconds", "build_seconds")}))
+
+
+@app.command()
+def search(query: str = typer.Argument(..., help="the search query"),
+           k: int = typer.Option(10, "-k", help="results (1-1000)"),
+           mode: str = typer.Option("dense", help="dense, or hybrid (BM25 and dense fused by reciprocal rank)"),
+           index_id: Optional[str] = typer.Option(None, "--index", help="index id [the newest export]"),
+           workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+           set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Search the exported index: the top-k items with title, score and source."""
+    from assay.serving.index import Served
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    hits = _stage(ctx, lambda store: [h.__dict__ for h in Served(ctx.cfg, store, index_id).search(query, k, mode)],
+                  read_only=True)
+
+    def render(rows: list[dict]) -> None:
+        t = Table(title=f"{query!r}: top {len(rows)} ({mode})")
+        for c in ("rank", "item_id", "title", "score", "source"):
+            t.add_column(c)
+        for r, h in enumerate(rows, 1):
+            t.add_row(str(r), h["item_id"], h["title"], f"{h['score']:.4f}", h["source"])
+        console.print(t)
+    _emit(hits, as_json, render)
+
+
 @app.command()
 def summary(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
             set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:

@@ -203,7 +203,7 @@ def _default_judges() -> list[JudgeConfig]:
 
 
 class AnnotateConfig(Section):
-    """The cascade: judges in order, cheapest first (ARCHITECTURE.md, "Annotation cascade")."""
+    """The cascade: judges in order, cheapest first (docs/architecture.md, "Annotation cascade")."""
 
     judges: list[JudgeConfig] = Field(default_factory=_default_judges)
     thresholds: dict[str, list[float]] = Field(
@@ -288,7 +288,7 @@ class LabelRequestConfig(Section):
 
 
 class TierConfig(Section):
-    """The five tiers (ARCHITECTURE.md, "Five tiers, three stages"). A channel is *active* for a query when it
+    """The five tiers (docs/architecture.md, "Five tiers, three stages"). A channel is *active* for a query when it
     retrieved at least one candidate for that query (a tail query without engagement has no click candidates, so
     easy_pos asks only for the channels that could have answered)."""
 
@@ -423,6 +423,27 @@ class TrainConfig(Section):
         return self
 
 
+class ServeConfig(Section):
+    """`assay export-index` and `assay search` (docs/serving.md): a FAISS index bound to one checkpoint."""
+
+    checkpoint: str | None = Field(None, description="two-tower checkpoint to serve; None = the newest kept "
+                                                     "curriculum checkpoint in `checkpoints`")
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
+        "auto", description="auto: flat (exact) up to flat_max_items items, hnsw above")
+    flat_max_items: int = Field(200_000, ge=1, description="largest catalog served exactly under index=auto")
+    hnsw_factory: str = Field("HNSW32", description="FAISS index_factory string of the hnsw kind")
+    ivfpq_factory: str = Field("IVF{nlist},PQ{pq_m}", description="FAISS index_factory string of the ivfpq kind; "
+                                                                   "{nlist} = 4*sqrt(items), {pq_m} = dim/8")
+    ef_search: int = Field(128, ge=1, description="HNSW search depth")
+    ef_construction: int = Field(80, ge=1, description="HNSW build depth")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed")
+    recall_sample: int = Field(200, ge=0, description="workspace queries searched exactly and with the index to "
+                                                      "measure recall@100 for the manifest")
+    encode_chunk: int = Field(4096, ge=1, description="items encoded per resumable chunk (cached as they finish)")
+    max_query_chars: int = Field(512, ge=1, description="longest query accepted")
+    rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
+
+
 class AssayConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -433,6 +454,7 @@ class AssayConfig(Section):
     label_request: LabelRequestConfig = Field(default_factory=LabelRequestConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -7,7 +7,7 @@ batches against them, so a stage cannot write a column the schema does not know.
 
 Conventions:
 - ids are VARCHAR everywhere (WANDS uses integers, ESCI uses ASINs);
-- grades are TINYINT on the 0-4 scale of ARCHITECTURE.md;
+- grades are TINYINT on the 0-4 scale of docs/architecture.md;
 - every row written by a stage carries the `run_id` of the run that wrote it.
 """
 

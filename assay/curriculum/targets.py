@@ -1,4 +1,4 @@
-"""Graded training targets (Walmart "Unified Supervision"; ARCHITECTURE.md "Five tiers, three stages").
+"""Graded training targets (Walmart "Unified Supervision"; docs/architecture.md "Five tiers, three stages").
 
     target = clip(mu * rel + lam * eng * 1[grade >= 3] + nu * prior, 0, 1)
 

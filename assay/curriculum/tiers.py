@@ -1,4 +1,4 @@
-"""The five difficulty tiers, as pure vectorised rules over mined pairs (ARCHITECTURE.md, "Five tiers").
+"""The five difficulty tiers, as pure vectorised rules over mined pairs (docs/architecture.md, "Five tiers").
 
 Input: one row per mined pair (a candidate or a mined negative) as numpy arrays; output: a tier per pair, 0 when
 the pair is in no tier. Rules, with every threshold from :class:`assay.config.TierConfig`:

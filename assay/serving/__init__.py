@@ -1,2 +1,3 @@
-"""Serving (planned; ARCHITECTURE.md "Serving"): builds FAISS indexes bound to a checkpoint by a
-manifest (`indexes` table, artifacts/index/) and answers dense or hybrid search."""
+"""Serving: `assay export-index` builds a FAISS index bound to a two-tower checkpoint by its manifest
+(``indexes`` table, ``artifacts/index/``); `assay search` answers dense or hybrid queries from it
+(assay.serving.index)."""

@@ -3,7 +3,7 @@
 Every loss here takes SIMILARITY tensors (cosines already computed by the model), never embeddings,
 so the same losses serve a single-vector query tower and a multi-head query tower (both produce a
 score matrix). Targets are graded relevance targets in [0, 1]: 1 is an exact match, 0 is irrelevant,
-values in between come from intermediate grades (and engagement, see ARCHITECTURE.md "Graded
+values in between come from intermediate grades (and engagement, see docs/architecture.md "Graded
 targets").
 
 Tensor conventions
@@ -29,7 +29,7 @@ are padded to the same ``G``.
 Every loss returns a scalar (mean over what it averages) that always has a ``grad_fn`` when its
 inputs require grad, also when nothing in the batch contributes (then it is an exact zero).
 
-Losses and curriculum stages (ARCHITECTURE.md "Five tiers, three stages")
+Losses and curriculum stages (docs/architecture.md "Five tiers, three stages")
 -------------------------------------------------------------------------
 - Stage 1, easy_pos + random_neg: :class:`GradedBCELoss`, pointwise BCE on
   ``sigmoid(scale * cos + bias)`` with a learnable temperature (init 20).

@@ -1,4 +1,4 @@
-"""The two-tower retriever (ARCHITECTURE.md, "Model"): a query tower and an item tower built from a
+"""The two-tower retriever (docs/architecture.md, "Model"): a query tower and an item tower built from a
 sentence-transformers encoder (default all-MiniLM-L6-v2, packaged offline).
 
 Each tower is a plain ``SentenceTransformer``: Transformer -> mean Pooling -> [Dense projection] -> [Normalize].

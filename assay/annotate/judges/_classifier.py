@@ -351,7 +351,7 @@ class ClassifierJudge:
         if len(g) != len(pairs):
             raise ValueError(f"got {len(pairs)} pairs but {len(g)} grades; pass one grade per pair")
         if g.ndim != 1 or not np.issubdtype(g.dtype, np.integer) or g.min() < 0 or g.max() >= N_GRADES:
-            raise ValueError(f"grades must be integers 0-{N_GRADES - 1} (see ARCHITECTURE.md, 'Relevance grades')")
+            raise ValueError(f"grades must be integers 0-{N_GRADES - 1} (see docs/architecture.md, 'Relevance grades')")
         return g.astype(np.int64)
 
     @classmethod
