@@ -521,6 +521,22 @@ def search(query: str = typer.Argument(..., help="the search query"),
 
 
 @app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="interface to bind (loopback unless told otherwise)"),
+          port: int = typer.Option(8080, help="TCP port"),
+          index_id: Optional[str] = typer.Option(None, "--index", help="index id [the newest export]"),
+          workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+          set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """The search API (POST /search, GET /health, GET /manifest) and a search page (GET /) comparing BM25, the
+    base encoder and the trained model."""
+    from assay.serving.app import serve as run_server
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    if not quiet:
+        err.print(f"assay serve: http://{host}:{port}/ (Ctrl-C to stop)")
+    _stage(ctx, lambda store: run_server(ctx.cfg, store, host=host, port=port, index_id=index_id), read_only=True)
+
+
+@app.command()
 def summary(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
             set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """A summary table of the workspace: catalog, queries by segment, engagement, labels, rejects, runs."""

@@ -116,3 +116,103 @@ def test_search_from_the_cli(exported, tmp_path):
     assert len(rows) == 5 and all(set(h) == {"item_id", "title", "score", "source"} for h in rows)
     r = runner.invoke(app, ["search", "velvet sofa", "-w", ws, "-k", "0", "-q"])
     assert r.exit_code == 2 and "between 1 and 1000" in r.output
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict | str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def _start_server(ws, log_path, port):
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "assay.cli", "serve", "-w", str(ws), "-q", "--port", str(port)]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc
+        try:
+            if _http(f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"assay serve did not answer: {log_path.read_text()[-2000:]}")
+
+
+def test_the_real_server_answers_and_rejects_bad_requests(exported, tmp_path):
+    from conftest import free_port, stop_process
+
+    ws = copy_ws(exported[0], tmp_path / "ws")
+    port = free_port()
+    proc = _start_server(ws, tmp_path / "serve.log", port)
+    try:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+        base = f"http://127.0.0.1:{port}"
+        status, health = _http(f"{base}/health")
+        assert status == 200 and health["status"] == "ok" and health["n_items"] == 3000
+        status, man = _http(f"{base}/manifest")
+        assert status == 200 and man["checkpoint_sha"] == health["checkpoint_sha"]
+        status, res = _http(f"{base}/search", {"query": "velvet sofa", "k": 7, "mode": "hybrid"})
+        assert status == 200 and len(res["hits"]) == 7 and res["took_ms"] > 0
+        assert all(h["title"] and h["source"] in ("dense", "bm25", "both") for h in res["hits"])
+        for body, reason in [({"query": "   "}, "empty"), ({"query": "x" * 513}, "512"),
+                             ({"query": "sofa", "k": 0}, "greater than or equal to 1"),
+                             ({"query": "sofa", "k": 1001}, "less than or equal to 1000"),
+                             ({"query": "sofa", "mode": "sparse"}, "unknown mode"), ({"k": 3}, "query")]:
+            status, err = _http(f"{base}/search", body)
+            assert status == 422 and reason in json.dumps(err), (body, err)
+        status, page = _http(f"{base}/")
+        assert status == 200 and "assay search" in page and 'id="q"' in page
+        with Store.open(ws, read_only=True) as s:  # a query people graded: the page shows their grades
+            text = s.exec("""SELECT q.text FROM human_labels h JOIN queries q USING (query_id)
+                             WHERE h.grade >= 3 GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1""")[0][0]
+        from urllib.parse import quote
+
+        status, cmp = _http(f"{base}/compare?k=10&q={quote(text)}")
+        assert status == 200 and [s["name"] for s in cmp["systems"]] == ["BM25", "base encoder", "trained model"]
+        assert all(len(s["hits"]) == 10 for s in cmp["systems"]) and cmp["graded"]
+        assert any(h["grade"] is not None for s in cmp["systems"] for h in s["hits"])
+        status, err = _http(f"{base}/compare?q=%20")
+        assert status == 422 and "empty" in json.dumps(err)
+    finally:
+        stop_process(proc)
+
+
+def test_the_server_refuses_to_start_on_a_manifest_that_does_not_match(exported, tmp_path):
+    from conftest import free_port
+
+    ws, ckpt, flat, _ = exported
+    ws2 = copy_ws(ws, tmp_path / "ws")
+    moved = tmp_path / "ckpt"
+    model = TwoTower.load(ckpt)
+    with torch.no_grad():
+        next(model.item_tower.parameters()).add_(0.01)
+    model.save(moved)
+    with Store.open(ws2) as s:
+        for path in [r[0] for r in s.exec("SELECT path FROM indexes")]:
+            mf = json.loads((ws2 / "artifacts/index" / path.rsplit("/", 1)[-1] / "manifest.json").read_text())
+            mf["checkpoint_path"] = str(moved)
+            (ws2 / "artifacts/index" / path.rsplit("/", 1)[-1] / "manifest.json").write_text(json.dumps(mf))
+        s.exec("UPDATE indexes SET path = replace(path, ?, ?)", [str(ws), str(ws2)])
+    proc = _start_server(ws2, tmp_path / "serve.log", free_port())
+    assert proc.wait(timeout=60) == 2
+    assert "assay export-index" in (tmp_path / "serve.log").read_text()
