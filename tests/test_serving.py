@@ -66,22 +66,30 @@ def test_search_dense_and_hybrid_and_bad_input(exported):
                 served.search(q, k, mode)
 
 
-def test_search_refuses_an_index_whose_checkpoint_changed(exported, tmp_path):
-    ws, ckpt, flat, _ = exported
+def _changed_copy(exported, tmp_path):
+    """A copy of the workspace whose indexes point at a checkpoint that was trained further (another sha)."""
+    ws, ckpt, _, _ = exported
     ws2 = copy_ws(ws, tmp_path / "ws")
     moved = tmp_path / "ckpt"
     model = TwoTower.load(ckpt)
     with torch.no_grad():
-        next(model.query_tower.parameters()).add_(0.01)
+        next(model.item_tower.parameters()).add_(0.01)
     model.save(moved)
-    man_file = ws2 / "artifacts/index" / flat["index_id"] / "manifest.json"
-    man = json.loads(man_file.read_text())
-    man["checkpoint_path"] = str(moved)
-    man_file.write_text(json.dumps(man))
     with Store.open(ws2) as s:
-        s.exec("UPDATE indexes SET path = ? WHERE index_id = ?", [str(man_file.parent), flat["index_id"]])
+        for (index_id,) in s.exec("SELECT index_id FROM indexes"):
+            mf_file = ws2 / "artifacts/index" / index_id / "manifest.json"
+            mf = json.loads(mf_file.read_text())
+            mf["checkpoint_path"] = str(moved)
+            mf_file.write_text(json.dumps(mf))
+        s.exec("UPDATE indexes SET path = replace(path, ?, ?)", [str(ws), str(ws2)])
+    return ws2
+
+
+def test_search_refuses_an_index_whose_checkpoint_changed(exported, tmp_path):
+    ws2 = _changed_copy(exported, tmp_path)
+    with Store.open(ws2, read_only=True) as s:
         with pytest.raises(ValueError, match="assay export-index"):
-            Served(AssayConfig(), s, flat["index_id"])
+            Served(AssayConfig(), s, exported[2]["index_id"])
 
 
 def test_multi_head_search_rescoring_matches_exact_soft_dot():
@@ -200,19 +208,7 @@ def test_the_real_server_answers_and_rejects_bad_requests(exported, tmp_path):
 def test_the_server_refuses_to_start_on_a_manifest_that_does_not_match(exported, tmp_path):
     from conftest import free_port
 
-    ws, ckpt, flat, _ = exported
-    ws2 = copy_ws(ws, tmp_path / "ws")
-    moved = tmp_path / "ckpt"
-    model = TwoTower.load(ckpt)
-    with torch.no_grad():
-        next(model.item_tower.parameters()).add_(0.01)
-    model.save(moved)
-    with Store.open(ws2) as s:
-        for path in [r[0] for r in s.exec("SELECT path FROM indexes")]:
-            mf = json.loads((ws2 / "artifacts/index" / path.rsplit("/", 1)[-1] / "manifest.json").read_text())
-            mf["checkpoint_path"] = str(moved)
-            (ws2 / "artifacts/index" / path.rsplit("/", 1)[-1] / "manifest.json").write_text(json.dumps(mf))
-        s.exec("UPDATE indexes SET path = replace(path, ?, ?)", [str(ws), str(ws2)])
+    ws2 = _changed_copy(exported, tmp_path)
     proc = _start_server(ws2, tmp_path / "serve.log", free_port())
     assert proc.wait(timeout=60) == 2
     assert "assay export-index" in (tmp_path / "serve.log").read_text()
