@@ -536,6 +536,52 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to bind (loopbac
     _stage(ctx, lambda store: run_server(ctx.cfg, store, host=host, port=port, index_id=index_id), read_only=True)
 
 
+# --------------------------------------------------------------------------- the main job
+@app.command("run")
+def run_pipeline(force: Optional[list[str]] = typer.Option(None, "--force", help="run this step even if current "
+                                                                                "(and every step after it)"),
+                 workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                 set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """The main job: simulate -> ingest -> mine -> teachers -> calibrate -> annotate -> agreement -> curriculum ->
+    train -> baselines -> export-index -> evaluate, skipping steps that are current and resuming one cut off."""
+    from assay import pipeline
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    t0 = __import__("time").perf_counter()
+    try:
+        s = pipeline.run(ctx.cfg, ctx.workspace, force=force, progress=not quiet,
+                         on_step=None if quiet or as_json else lambda n, st: err.print(f"[bold]{n}[/bold]: {st}"))
+    except (WorkspaceLocked, WorkspaceMissing, *STAGE_ERRORS) as e:
+        _fail(str(e).strip("'\""))
+    s["seconds"] = round(__import__("time").perf_counter() - t0, 1)
+
+    def render(s: dict) -> None:
+        t = Table(title=f"assay run: {s['workspace']} ({s['seconds']:.0f} s)")
+        for c in ("step", "status", "seconds"):
+            t.add_column(c)
+        for r in s["steps"]:
+            t.add_row(r["step"], r["status"], f"{r['seconds']:.1f}")
+        console.print(t)
+        ev = s.get("evaluate")
+        if ev:
+            _render_headline(ev)
+    _emit(s, as_json, render)
+
+
+def _render_headline(ev: dict) -> None:
+    segs = ["all"] + list(ev["segments"])
+    t = Table(title=f"NDCG@10 / embarrassing@10 on {ev['queries']} held-out {ev['split']} queries "
+                    f"({ev['judgments']} judgments)")
+    t.add_column("system")
+    for sg in segs:
+        t.add_column(sg)
+    for name, m in ev["systems"].items():
+        t.add_row(name, *[f"{m[sg]['ndcg@10']:.4f} / {m[sg]['embarrassing@10']:.4f}" if sg in m else "-"
+                          for sg in segs])
+    console.print(t)
+    console.print(f"report: {ev['report']}")
+
+
 @app.command()
 def summary(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
             set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:

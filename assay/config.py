@@ -444,6 +444,18 @@ class ServeConfig(Section):
     rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
 
 
+class PipelineConfig(Section):
+    """`assay run`, the main job (docs/pipeline.md)."""
+
+    simulate: bool = Field(True, description="start by simulating and ingesting a world; false = the workspace already "
+                                             "holds ingested data and the job starts at mining")
+    label_requests: int = Field(0, ge=0, description="mined pairs to request and have the simulated annotators answer "
+                                                     "before the judges train (simulated worlds; 0 = none)")
+    baselines: list[Literal["click", "binary", "graded"]] = Field(
+        ["click", "binary", "graded"], description="baselines trained with the curriculum's step budget")
+    export_index: bool = Field(True, description="build the serving index of the curriculum model")
+
+
 class AssayConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -455,6 +467,7 @@ class AssayConfig(Section):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")
