@@ -450,6 +450,8 @@ def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only 
 def evaluate(split: str = typer.Option("test", help="held-out queries: test (default) or val"),
              checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", help="extra system NAME=PATH "
                                                                                        "(repeatable)"),
+             qrels: Optional[str] = typer.Option(None, "--qrels", help="judgments file: TREC qrels (query_id 0 "
+                                                 "item_id grade) or CSV query_id,item_id,grade [truth, else labels]"),
              workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
              set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """BM25, the base encoder, the curriculum model and the baselines retrieving from the whole catalog for
@@ -463,7 +465,8 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
             _fail(f"--checkpoint {c!r} must look like NAME=PATH")
         name, path = c.split("=", 1)
         extra[name] = path
-    s = _stage(ctx, lambda store: run_eval(ctx.cfg, store, split=split, checkpoints=extra, progress=not quiet))
+    s = _stage(ctx, lambda store: run_eval(ctx.cfg, store, split=split, checkpoints=extra, progress=not quiet,
+                                           qrels=qrels))
     def render(s: dict) -> None:
         segs = ["all"] + list(s["segments"])
         for m in ("ndcg@10", "embarrassing@10", "recall@100"):

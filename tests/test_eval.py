@@ -60,10 +60,44 @@ def test_evaluate_command_writes_report_and_rejects_missing_split(curriculum_ws,
                                  "--set", "train.base_model=all-MiniLM-L6-v2"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout[r.stdout.index("{"):])
-    assert set(s["systems"]) == {"bm25", "base encoder"}  # no trained checkpoint yet
+    assert set(s["systems"]) == {"bm25", "base encoder", "hybrid"}  # no trained checkpoint yet
     rep = Path(s["report"])
     assert rep.exists() and (rep.parent / "ndcg10.png").stat().st_size > 1000
     with Store.open(curriculum_ws, read_only=True) as store:
         assert store.scalar("SELECT status FROM runs WHERE stage = 'evaluate'") == "ok"
     r = CliRunner().invoke(app, ["evaluate", "-w", str(tiny_workspace), "-q"])
     assert r.exit_code != 0 and "assay curriculum" in " ".join(r.output.split())
+
+
+def test_qrels_files_trec_and_csv_and_bad_lines(tmp_path):
+    from assay.eval.retrieval import read_qrels, rrf
+
+    trec = tmp_path / "q.txt"
+    trec.write_text("q1 0 p1 4\nq1 0 p2 0\n\nq2 0 p9 2\n")
+    assert read_qrels(trec) == {"q1": {"p1": 4, "p2": 0}, "q2": {"p9": 2}}
+    csv = tmp_path / "q.csv"
+    csv.write_text("item_id,query_id,grade\np1,q1,3\n")
+    assert read_qrels(csv) == {"q1": {"p1": 3}}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("q1 0 p1 4\nq1 0 p2 7\n")
+    with pytest.raises(ValueError, match="bad.txt:2: grade 7"):
+        read_qrels(bad)
+    bad.write_text("q1 p1\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        read_qrels(bad)
+    assert rrf(["a", "b", "c"], ["b", "d"], 3) == ["b", "a", "d"]  # b is in both lists
+
+
+def test_hybrid_and_qrels_in_the_evaluation(curriculum_ws, tmp_path):
+    from assay.config import AssayConfig
+    from assay.eval.run import run as evaluate_run
+
+    with Store.open(curriculum_ws) as store:
+        q = store.exec("SELECT DISTINCT query_id FROM examples WHERE split = 'test' ORDER BY 1 LIMIT 1")[0][0]
+        item = store.exec("SELECT item_id FROM labels WHERE query_id = ? ORDER BY grade DESC LIMIT 1", [q])[0][0]
+        qrels = tmp_path / "qrels.txt"
+        qrels.write_text(f"{q} 0 {item} 4\n")
+        res = evaluate_run(AssayConfig(), store, qrels=str(qrels), progress=False)
+    assert res["judgments"] == "qrels (qrels.txt)" and res["systems"]["hybrid"]["of"] == ["bm25", "base encoder"]
+    folder = Path(res["report"]).parent
+    assert json.loads((folder / "metrics.json").read_text())["systems"].keys() == res["systems"].keys()

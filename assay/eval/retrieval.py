@@ -45,10 +45,49 @@ def eval_queries(store: Store, split: str) -> tuple[list[str], list[str], list[s
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray) -> tuple[str, dict[str, dict[str, int]]]:
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """Graded judgments from a TREC qrels file (``query_id 0 item_id grade`` per line, whitespace-separated) or a
+    CSV/TSV with ``query_id, item_id, grade`` columns. Grades must be integers 0-4; a bad line is an error that
+    names the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"qrels file {path} not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: dict[str, dict[str, int]] = {}
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    header = [c.strip().lower() for c in lines[0].split(sep)] if lines else []
+    csv_mode = {"query_id", "item_id", "grade"} <= set(header)
+    for n, line in enumerate(lines[1:] if csv_mode else lines, start=2 if csv_mode else 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(sep)] if csv_mode else line.split()
+        try:
+            if csv_mode:
+                q, i, g = (parts[header.index(c)] for c in ("query_id", "item_id", "grade"))
+            else:
+                q, _, i, g = parts[:4]
+            grade = int(float(g))
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}:{n}: expected 'query_id 0 item_id grade' (TREC) or query_id,item_id,grade "
+                             f"(CSV with a header), got {line[:80]!r}") from None
+        if not 0 <= grade <= 4:
+            raise ValueError(f"{path}:{n}: grade {grade} is outside 0-4")
+        out.setdefault(q, {})[i] = grade
+    if not out:
+        raise ValueError(f"qrels file {path} holds no judgments")
+    return out
+
+
+def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray,
+              qrels: Path | None = None) -> tuple[str, dict[str, dict[str, int]]]:
     """(source, {query_id: {item_id: grade}}). With truth, every item with grade >= 1 is listed; grade-0 items are
-    added for whatever a system retrieves (see :func:`judge_retrieved`)."""
+    added for whatever a system retrieves. A qrels file, when given, is used instead of anything the workspace
+    holds."""
     from assay.data.judgments import load_oracle
+
+    if qrels is not None:
+        given = read_qrels(qrels)
+        return f"qrels ({Path(qrels).name})", {q: given.get(q, {}) for q in query_ids}
 
     oracle = load_oracle(store)
     if oracle is not None:
@@ -101,16 +140,28 @@ def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: st
     return out
 
 
+def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
+    """Reciprocal-rank fusion of two ranked id lists, duplicates merged, the top ``k``."""
+    score: dict[str, float] = {}
+    for ranked in (a, b):
+        for r, i in enumerate(ranked):
+            score[i] = score.get(i, 0.0) + 1.0 / (c + r + 1)
+    return sorted(score, key=lambda i: (-score[i], i))[:k]
+
+
 def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
-             base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True) -> dict:
-    """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder."""
+             base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True,
+             hybrid: tuple[str, str] | None = None, qrels: Path | None = None) -> dict:
+    """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder.
+    ``hybrid`` = (sparse system, dense system): also score their reciprocal-rank fusion as ``hybrid``."""
     from assay.mining.run import bm25_index, load_catalog
     from assay.trainer.model import TwoTower
 
     qids, qtexts, segments = eval_queries(store, split)
     catalog = load_catalog(store)
-    source, judged = judgments(store, qids, catalog.item_ids)
+    source, judged = judgments(store, qids, catalog.item_ids, qrels)
     results: dict = {}
+    ranked_of: dict[str, list[list[str]]] = {}
     for name, what in systems.items():
         t0 = time.perf_counter()
         if what == "bm25":
@@ -124,15 +175,24 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
                 model = TwoTower.load(what, device=device)
                 sha = model.sha
             hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)
-        per_q = []
-        for r, q in enumerate(qids):
-            ranked = catalog.item_ids[hits[r][hits[r] >= 0]].tolist()
-            j = judged[q]
-            if source == "truth":  # every catalog item is graded: unlisted retrieved items are grade 0
-                j = {**{i: 0 for i in ranked if i not in j}, **j}
-            per_q.append(query_metrics(ranked, j, ks=(10, 50, 100)))
-        results[name] = {**aggregate(per_q, segments), "seconds": round(time.perf_counter() - t0, 1)}
+        ranked_of[name] = [catalog.item_ids[hits[r][hits[r] >= 0]].tolist() for r in range(len(qids))]
+        results[name] = _score(ranked_of[name], qids, judged, source, segments, t0)
         log.info("%s: NDCG@10 %.4f on %d %s queries", name, results[name]["all"]["ndcg@10"], len(qids), split)
+    if hybrid and all(h in ranked_of for h in hybrid):
+        t0 = time.perf_counter()
+        fused = [rrf(a, b, k) for a, b in zip(ranked_of[hybrid[0]], ranked_of[hybrid[1]])]
+        results["hybrid"] = {**_score(fused, qids, judged, source, segments, t0), "of": list(hybrid)}
     seg_names, seg_counts = np.unique(segments, return_counts=True)
     return {"split": split, "queries": len(qids), "judgments": source,
             "segments": {str(s): int(c) for s, c in zip(seg_names, seg_counts)}, "systems": results}
+
+
+def _score(ranked_lists: list[list[str]], qids: list[str], judged: dict, source: str, segments: list[str],
+           t0: float) -> dict:
+    per_q = []
+    for ranked, q in zip(ranked_lists, qids):
+        j = judged[q]
+        if source == "truth":  # every catalog item is graded: unlisted retrieved items are grade 0
+            j = {**{i: 0 for i in ranked if i not in j}, **j}
+        per_q.append(query_metrics(ranked, j, ks=(10, 50, 100)))
+    return {**aggregate(per_q, segments), "seconds": round(time.perf_counter() - t0, 1)}

@@ -8,6 +8,7 @@ records the run. Checkpoint selection never reads the simulator's truth; this re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from assay.config import AssayConfig
@@ -30,15 +31,21 @@ def default_systems(store: Store) -> dict[str, str]:
 
 
 def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dict[str, str] | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, qrels: str | None = None) -> dict:
+    """Every system on the held-out queries, plus ``hybrid``: BM25 fused with the curriculum model (the base
+    encoder when no curriculum checkpoint exists). Judgments: ``qrels`` when given, else truth, else labels."""
     systems = default_systems(store)
     systems.update(checkpoints or {})
-    with store.run("evaluate", {"split": split, "systems": systems}) as run_id:
+    dense = "curriculum" if "curriculum" in systems else "base encoder"
+    with store.run("evaluate", {"split": split, "systems": systems, "qrels": qrels}) as run_id:
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
                        base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
-                       progress=progress)
+                       progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None)
         res["run_id"] = run_id
-        res["report"] = str(_report(store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}", res))
+        folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
+        res["report"] = str(_report(folder, res))
+        (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in ("split", "queries", "judgments",
+                                                                            "segments", "systems")}, indent=1))
         store.finish_run(run_id, res)
     return res
 
