@@ -300,7 +300,7 @@ def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the co
 def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
               set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """Agreement of each judge and of the cascade: held-out human eval split, its seed and mined pairs, and (simulated
-    worlds) annotated mined pairs against truth (HTML + PNG report)."""
+    worlds) mined pairs and every written label against truth (HTML + PNG report)."""
     from assay.annotate import agreement as agr
 
     ctx = Ctx(workspace, config, set_, quiet)
