@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from assay.config import BM25Config
-from assay.encode import EmbeddingCache
 from assay.eval.metrics import aggregate, query_metrics
 from assay.store import Store
-from assay.text import TEXT_TEMPLATE_VERSION, digest, text_shas
+
 
 log = logging.getLogger(__name__)
 
@@ -108,36 +107,21 @@ def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray,
 
 
 def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: str, k: int) -> np.ndarray:
+    """Exact top-k rows of the catalog for each query: the serving path (cached item vectors, flat index,
+    soft-dot re-scoring for multi-head queries) with an exact index, so the numbers describe the model."""
     import faiss
     import torch
 
+    from assay.serving.index import item_vectors, search_index
     from assay.trainer.loop import encode_by_length
-    from assay.trainer.model import soft_dot
 
-    cache = EmbeddingCache(artifacts, digest(["twotower-items", sha, TEXT_TEMPLATE_VERSION, model.item_max_length]))
-    shas = text_shas(catalog.texts)
-    vecs, found = cache.lookup(shas, model.dim)
-    miss = np.flatnonzero(~found)
-    model.eval()
+    model.sha = model.sha or sha
+    vecs = item_vectors(model, catalog.texts, artifacts, chunk=16384, progress=False)
     with torch.inference_mode():
-        if len(miss):
-            new = encode_by_length(model.encode_items, [catalog.texts[i] for i in miss], 128).float().cpu().numpy()
-            cache.add(shas[miss], new)
-            vecs[miss] = new
         q = encode_by_length(model.encode_queries, query_texts, 128).float().cpu().numpy()
     index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(np.ascontiguousarray(vecs, dtype=np.float32))
-    if q.ndim == 2:
-        return index.search(np.ascontiguousarray(q), k)[1]
-    # multi-head: each head's top k, then soft-dot re-scoring of the union
-    out = np.full((len(q), k), -1, dtype=np.int64)
-    for r in range(len(q)):
-        cand = np.unique(index.search(np.ascontiguousarray(q[r]), k)[1].ravel())
-        cand = cand[cand >= 0]
-        score = soft_dot(torch.from_numpy(q[r][None]), torch.from_numpy(vecs[cand]), model.beta)[0].numpy()
-        top = cand[np.argsort(-score, kind="stable")[:k]]
-        out[r, :len(top)] = top
-    return out
+    index.add(vecs)
+    return search_index(index, q, k, model.beta)[1]
 
 
 def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
