@@ -27,6 +27,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Show or check configuration
 app.add_typer(config_app, name="config")
 teachers_app = typer.Typer(no_args_is_help=True, help="Train the cascade's classifier judges on human labels.")
 app.add_typer(teachers_app, name="teachers")
+audit_app = typer.Typer(no_args_is_help=True, help="Audit the labels: sample them for people, import their grades.")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -241,13 +243,15 @@ def teachers_train(judge: Optional[list[str]] = typer.Option(None, "--judge", he
 
 
 @app.command()
-def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+def calibrate(from_audit: bool = typer.Option(False, "--from-audit", help="fit on the calib split plus the grades "
+                                                                          "imported by `assay audit import`"),
+              workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
               set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """Fit per-class isotonic calibrators and the cascade thresholds on the human calib split."""
     from assay.annotate import fit
 
     ctx = Ctx(workspace, config, set_, quiet)
-    s = _stage(ctx, lambda store: fit.run(ctx.cfg.annotate, store, progress=not quiet))
+    s = _stage(ctx, lambda store: fit.run(ctx.cfg.annotate, store, progress=not quiet, with_audit=from_audit))
     def render(s: dict) -> None:
         t = Table(title=f"calibration on {s['calib_pairs']:,} pairs (target agreement {s['target_agreement']:.3f}, "
                         f"{s['target_source']})")
@@ -261,8 +265,9 @@ def calibrate(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] =
                       f"{j['ece_after']:.3f}", f"{j['ms_per_pair']:.2f}", f"{s['reach'][name]:.1%}", th)
         console.print(t)
         f = s["fitted_on"]
-        console.print(f"fitted on the calib split, pool {f['pool']}: {f['seed_pairs']:,} seed pairs and "
-                      f"{f['mined_pairs']:,} mined pairs; metric {f['metric']}")
+        console.print(f"fitted on the {f['split']} split, pool {f['pool']}: {f['seed_pairs']:,} seed pairs, "
+                      f"{f['mined_pairs']:,} mined pairs and {f.get('audit_pairs', 0):,} audited pairs; "
+                      f"metric {f['metric']}")
         console.print(f"cascade on calib: accuracy {s['cascade_accuracy_on_calib']:.3f} (target "
                       f"{s['target_agreement']:.3f} - {s['agreement_tolerance']}, {s['target_source']}"
                       f"{'' if s['target_met'] else ', NOT met: kept the most accurate thresholds'}), "
@@ -297,13 +302,25 @@ def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the co
 
 
 @app.command()
-def agreement(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+def agreement(split: str = typer.Option("eval", "--split", help="eval: the held-out human split, judges replayed; "
+                                                                  "audit: the written labels against `assay audit "
+                                                                  "import` grades"),
+              workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
               set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """Agreement of each judge and of the cascade: held-out human eval split, its seed and mined pairs, and (simulated
-    worlds) mined pairs and every written label against truth (HTML + PNG report)."""
+    worlds) mined pairs and every written label against truth (HTML + PNG report); `--split audit`: the labels the
+    cascade wrote against audit grades, per judge, per tier and per deciding judge."""
     from assay.annotate import agreement as agr
 
     ctx = Ctx(workspace, config, set_, quiet)
+    if split == "audit":
+        from assay.audit import loop
+
+        s = _stage(ctx, lambda store: loop.agreement(store, cascade_sha=ctx.cfg.export.cascade), read_only=True)
+        _emit(s, as_json, _render_audit_agreement)
+        return
+    if split != "eval":
+        _fail(f"--split must be eval or audit, got {split!r}")
     s = _stage(ctx, lambda store: agr.run(ctx.cfg.annotate, store, progress=not quiet))
     def render(s: dict) -> None:
         t = Table(title=f"agreement with held-out human labels ({s['pairs']:,} eval pairs)")
@@ -375,6 +392,99 @@ def label_answer(request: Path = typer.Argument(..., help="a file written by `as
     _emit(s, as_json, lambda s: console.print(
         f"answered {s['answered']:,} pairs -> {s['file']} (annotator accuracy {s['annotator_accuracy']}); "
         f"load them: assay ingest --labels {s['file']}"))
+
+
+# --------------------------------------------------------------------------- export / audit
+def _filters(tier, grade, judge, min_conf, max_conf, segment, run) -> dict:
+    return {"tier": tier, "grade": grade, "decided_by": judge, "min_confidence": min_conf,
+            "max_confidence": max_conf, "segment": segment, "run": run}
+
+
+@app.command("export")
+def export_labels(out: Path = typer.Option(..., "--out", "-o", help="file (a folder for hf) to write"),
+                  fmt: Optional[str] = typer.Option(None, "--format", "-f", help="parquet, jsonl, csv, hf or "
+                                                    "labelstudio [from the --out suffix]"),
+                  tier: Optional[list[int]] = typer.Option(None, "--tier", help="curriculum tier 1-5 (repeatable)"),
+                  grade: Optional[list[int]] = typer.Option(None, "--grade", help="cascade grade 0-4 (repeatable)"),
+                  judge: Optional[list[str]] = typer.Option(None, "--judge", help="deciding judge (repeatable)"),
+                  min_conf: Optional[float] = typer.Option(None, "--min-confidence"),
+                  max_conf: Optional[float] = typer.Option(None, "--max-confidence"),
+                  segment: Optional[list[str]] = typer.Option(None, "--segment", help="head, torso, tail, unknown"),
+                  run: Optional[str] = typer.Option(None, "--run", help="rows written by this mine, annotate or "
+                                                                       "curriculum run id"),
+                  workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                  set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Export the labeled dataset with its lineage (channel ranks, probabilities, each judge's vote, tier, target,
+    run ids), streamed, for audit or for training elsewhere."""
+    from assay.audit import export as ex
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: ex.run(ctx.cfg.export, store, out, fmt=fmt, progress=not quiet,
+                                         filters=_filters(tier, grade, judge, min_conf, max_conf, segment, run)))
+    _emit(s, as_json, lambda s: console.print(
+        f"exported {s['rows']:,} labels of cascade {s['cascade_sha']} -> {s['out']} ({s['format']})"
+        + (f"; Label Studio labeling config: {s['label_config']}" if s.get("label_config") else "")))
+
+
+@audit_app.command("sample")
+def audit_sample(out: Path = typer.Option(..., "--out", "-o", help="file to write (any export format)"),
+                 n: Optional[int] = typer.Option(None, "--n", help="pairs [audit.n]"),
+                 fmt: Optional[str] = typer.Option(None, "--format", "-f", help="parquet, jsonl, csv, hf or "
+                                                   "labelstudio [from the --out suffix]"),
+                 seed: Optional[int] = typer.Option(None, "--seed", help="[audit.seed]"),
+                 workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                 set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """A stratified sample of the cascade's labels (tier x grade x deciding judge, low confidence oversampled) for
+    people to grade; fill audit_grade (or annotate in Label Studio), then `assay audit import FILE`."""
+    from assay.audit import loop
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    acfg = ctx.cfg.audit if seed is None else ctx.cfg.audit.model_copy(update={"seed": seed})
+    s = _stage(ctx, lambda store: loop.sample(acfg, ctx.cfg.export, store, out, n=n, fmt=fmt, progress=not quiet))
+
+    def render(s: dict) -> None:
+        console.print(f"audit sample: {s['rows']:,} labels of cascade {s['cascade_sha']} over {s['strata']} strata "
+                      f"({s['low_confidence']:,} low-confidence) -> {s['out']}")
+        _kv_table("by stratum (tier / grade / deciding judge)", s["by_stratum"])
+        console.print(f"grade them (audit_grade 0-4, annotator), then: assay audit import {s['out']}")
+    _emit(s, as_json, render)
+
+
+@audit_app.command("import")
+def audit_import(file: Path = typer.Argument(..., help="graded audit file: .csv/.tsv/.jsonl/.parquet with "
+                                                       "audit_grade (or grade), or a Label Studio .json export"),
+                 workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+                 set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Load people's audit grades into human_labels (split audit); then `assay agreement --split audit` and
+    `assay calibrate --from-audit`."""
+    from assay.audit import loop
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    s = _stage(ctx, lambda store: loop.import_grades(store, file, progress=not quiet))
+    _emit(s, as_json, lambda s: console.print(
+        f"audit grades from {s['file']}: {s['accepted']:,} accepted, {s['rejected']:,} rejected "
+        f"({s['rejected_by_reason']}; see `assay rejects`), {s['ungraded']:,} rows left ungraded; next: "
+        "assay agreement --split audit"))
+
+
+def _render_audit_agreement(s: dict) -> None:
+    rec = lambda r: " ".join("-" if x is None else f"{x:.2f}" for x in r)  # noqa: E731
+    t = Table(title=f"audit: cascade {s['cascade_sha']} against people on {s['pairs']:,} pairs")
+    for c in ("", "pairs", "accuracy", "QWK", "within one", "recall per grade 0-4"):
+        t.add_column(c)
+
+    def add(name: str, m: dict) -> None:
+        t.add_row(name, f"{m['n']:,}", f"{m['accuracy']:.3f}", f"{m['qwk']:.3f}", f"{m['within_one']:.3f}",
+                  rec(m["grade_recall"]))
+    add("cascade (written labels)", s["cascade"])
+    for n, m in s["judges"].items():
+        add(f"judge {n} (own vote)", m)
+    for n, m in s["by_decided_by"].items():
+        add(f"decided by {n}", m)
+    for n, m in s["by_tier"].items():
+        add(f"tier {n}", m)
+    console.print(t)
+    console.print(f"report: {s['report']}")
 
 
 # --------------------------------------------------------------------------- curriculum / train
@@ -605,6 +715,35 @@ def _render_summary(s: dict) -> None:
     for name, info in s["tables"].items():
         t.add_row(name, f"{info['rows']:,}", info.get("details", ""))
     console.print(t)
+
+
+@app.command()
+def doctor(fix: bool = typer.Option(False, "--fix", help="delete the orphan rows found (one transaction)"),
+           workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
+           set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
+    """Check the workspace: writer lock, schema version, runs cut off, annotation left to do, orphan rows, missing
+    checkpoints and indexes that no longer match their checkpoint; prints the command that fixes each."""
+    from assay import doctor as doc
+
+    ctx = Ctx(workspace, config, set_, quiet)
+    try:
+        s = doc.run(ctx.workspace, fix=fix)
+    except STAGE_ERRORS as e:
+        _fail(str(e))
+
+    def render(s: dict) -> None:
+        t = Table(title=f"assay doctor {s['workspace']}: {s['status']}")
+        for c in ("check", "status", "found", "fix"):
+            t.add_column(c)
+        colour = {"ok": "green", "warn": "yellow", "error": "red"}
+        for f in s["findings"]:
+            t.add_row(f["check"], f"[{colour[f['status']]}]{f['status']}[/]", f["detail"], f["fix"])
+        console.print(t)
+        if s["fixed"]:
+            _kv_table("deleted orphan rows", s["fixed"])
+    _emit(s, as_json, render)
+    if s["status"] == "error":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -444,6 +444,27 @@ class ServeConfig(Section):
     rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
 
 
+class ExportConfig(Section):
+    """`assay export` and the files `assay audit sample` writes (docs/audit.md)."""
+
+    cascade: str | None = Field(None, description="cascade sha whose labels are exported; None = the newest")
+    batch_rows: int = Field(50_000, ge=1, description="rows per streamed batch (memory does not grow with the "
+                                                      "export)")
+
+
+class AuditConfig(Section):
+    """`assay audit sample`: which labels people check (docs/audit.md)."""
+
+    n: int = Field(500, ge=1, description="pairs per audit sample")
+    min_per_stratum: int = Field(3, ge=0, description="floor per tier x grade x decided_by stratum before "
+                                                      "proportional allocation")
+    low_confidence: float = Field(0.2, ge=0, le=1, description="confidence quantile below which a label counts as "
+                                                               "low-confidence")
+    oversample: float = Field(3.0, ge=1, description="how many times as likely a low-confidence label is drawn "
+                                                     "within its stratum")
+    seed: int = 11
+
+
 class PipelineConfig(Section):
     """`assay run`, the main job (docs/pipeline.md)."""
 
@@ -467,6 +488,8 @@ class AssayConfig(Section):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:

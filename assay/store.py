@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,27 @@ from assay import __version__
 from assay.records import get_schema
 
 log = logging.getLogger(__name__)
+
+_SECRET_KEY = re.compile(r"^(?:.*[_-])?(?:api[_-]?key|token|secret|password|passwd|authorization|credentials?|bearer)$",
+                         re.I)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_URL_SECRET_PARAM = re.compile(r"(?P<k>[?&](?:api[_-]?key|key|token|access_token|sig|signature|password|secret)=)"
+                               r"[^&#\s\"']+", re.I)
+REDACTED = "***"
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` (config, summary) safe to record: values of secret-named keys (api_key, token, password,
+    secret, authorization ...) and credentials inside URLs (user:password@, ?api_key=) are replaced by ***."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.match(k) and isinstance(v, str) and v
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and ("://" in obj or "=" in obj):
+        return _URL_SECRET_PARAM.sub(rf"\g<k>{REDACTED}", _URL_CREDENTIALS.sub(rf"\g<scheme>{REDACTED}@", obj))
+    return obj
+
 
 DB_NAME = "assay.duckdb"
 LOCK_NAME = "assay.lock"
@@ -392,8 +414,8 @@ class Store:
     def start_run(self, stage: str, config: dict | None = None, models: dict | None = None) -> str:
         run_id = new_run_id(stage)
         self.write("runs", pa.table({
-            "run_id": [run_id], "stage": [stage], "config": [json.dumps(config or {}, default=str)],
-            "code_version": [code_version()], "models": [json.dumps(models or {}, default=str)],
+            "run_id": [run_id], "stage": [stage], "config": [json.dumps(redact(config or {}), default=str)],
+            "code_version": [code_version()], "models": [json.dumps(redact(models or {}), default=str)],
             "started_at": [_now()], "status": ["running"], "pid": [os.getpid()],
         }))
         return run_id
@@ -403,10 +425,11 @@ class Store:
         with self.transaction():
             self.exec(
                 "UPDATE runs SET ended_at = ?, status = ?, summary = ? WHERE run_id = ?",
-                [_now(), status, json.dumps(summary or {}, default=str), run_id],
+                [_now(), status, json.dumps(redact(summary or {}), default=str), run_id],
             )
             if models is not None:
-                self.exec("UPDATE runs SET models = ? WHERE run_id = ?", [json.dumps(models, default=str), run_id])
+                self.exec("UPDATE runs SET models = ? WHERE run_id = ?",
+                          [json.dumps(redact(models), default=str), run_id])
 
     @contextlib.contextmanager
     def run(self, stage: str, config: dict | None = None, models: dict | None = None) -> Iterator[str]:

@@ -363,10 +363,12 @@ def _chat_response(grade: int = 2) -> dict:
 
 class FlakyServer:
     """Behaviour per marker in the prompt: flaky500 (500 once), flaky429 (429 twice), dead (503 always),
-    hang (sleeps past the client's timeout), anything else answers at once. It rejects the json_schema
+    hang (sleeps past the client's timeout), truncated (a 200 whose JSON body is cut off, once), emptybody (a 200
+    with an empty body, always), badgrade (answers grade 7, always), nochoices (a 200 with no choices, always),
+    anything else answers at once. It rejects the json_schema
     response format with a 400, as many servers do. Counts the requests it answers per marker."""
 
-    MARKERS = ("flaky500", "flaky429", "dead", "hang")
+    MARKERS = ("flaky500", "flaky429", "dead", "hang", "truncated", "badgrade", "emptybody", "nochoices")
 
     def __init__(self, hang_s: float):
         self.counts: dict[str, int] = {}
@@ -391,6 +393,13 @@ class FlakyServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (the hang case)
                     pass
 
+            def _send_raw(self, code: int, body: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fmt = (req.get("response_format") or {}).get("type", "none")
@@ -410,6 +419,17 @@ class FlakyServer:
                 if marker == "hang":
                     time.sleep(outer.hang_s)
                     return self._send(500, {"error": {"message": "too late"}})
+                if marker == "truncated" and n == 1:
+                    return self._send_raw(200, json.dumps(_chat_response(grade=3)).encode()[:120])
+                if marker == "emptybody":
+                    return self._send_raw(200, b"")
+                if marker == "badgrade":
+                    bad = _chat_response(grade=3)
+                    bad["choices"][0]["message"]["content"] = '{"grade": 7, "confidence": 0.9}'
+                    bad["choices"][0]["logprobs"] = None
+                    return self._send(200, bad)
+                if marker == "nochoices":
+                    return self._send(200, {**_chat_response(grade=3), "choices": []})
                 return self._send(200, _chat_response(grade=1 if "zzbanana" in prompt else 3))
 
         self.hang_s = hang_s
@@ -459,6 +479,31 @@ def test_retries_timeouts_and_failed_calls_do_not_break_the_batch():
     assert set(srv.formats) == {"json_object"} and backend.stats["downgrades"] == 1
     assert backend.stats["retries"] == 1 + 2 + 2 + 2
     assert elapsed < 10, elapsed
+
+
+def test_malformed_answers_are_retried_or_recorded_and_nothing_is_lost():
+    """A body cut off mid-JSON (once), an empty body, a grade outside 0-4 and an answer with no choices: every pair
+    comes back with a status and its raw text or error, nothing raises, and a good answer after a bad one counts."""
+    qs = ["water bottle", "truncated bottle", "emptybody bottle", "badgrade bottle", "nochoices bottle"]
+    pairs = [Pair("q", f"i{i}", q, "Steel water bottle 1 l") for i, q in enumerate(qs)]
+    with FlakyServer(hang_s=0) as srv:
+        cfg = prompted_cfg(backend="openai", base_url=srv.url, model="fake", concurrency=2, timeout_s=5,
+                           max_retries=2)
+        judge = PromptedJudge(cfg, backend=OpenAIBackend(cfg, backoff_s=0.01, max_backoff_s=0.05))
+        out = judge.predict(pairs)
+    st = dict(zip(qs, out.parse_status))
+    raw = dict(zip(qs, out.raw))
+    assert st["water bottle"] == OK and out.grade[0] == 3
+    # the truncated body is retried and the second answer is used
+    assert srv.counts["truncated"] == 2 and st["truncated bottle"] == OK and out.grade[1] == 3
+    # an empty body and a reply without choices fail after the retries, with the error kept
+    for q in ("emptybody bottle", "nochoices bottle"):
+        assert srv.counts[q.split()[0]] == 3 and st[q] == FAILED and raw[q], (q, raw[q])
+    # grade 7 is not a grade: recorded as unparsed with its raw text, never clipped into the scale
+    assert st["badgrade bottle"] == UNPARSED and '"grade": 7' in raw["badgrade bottle"]
+    for q in ("emptybody bottle", "nochoices bottle", "badgrade bottle"):
+        i = qs.index(q)
+        assert out.grade[i] == -1 and np.isnan(out.probs[i]).all()
 
 
 def test_unreachable_server_fails_every_pair_without_raising():

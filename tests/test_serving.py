@@ -166,43 +166,99 @@ def _start_server(ws, log_path, port):
     pytest.fail(f"assay serve did not answer: {log_path.read_text()[-2000:]}")
 
 
-def test_the_real_server_answers_and_rejects_bad_requests(exported, tmp_path):
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    """`assay serve` on loopback over a copy of the exported workspace: (base url, workspace)."""
     from conftest import free_port, stop_process
 
-    ws = copy_ws(exported[0], tmp_path / "ws")
+    root = tmp_path_factory.mktemp("server")
+    ws = copy_ws(exported[0], root / "ws")
     port = free_port()
-    proc = _start_server(ws, tmp_path / "serve.log", port)
+    proc = _start_server(ws, root / "serve.log", port)
     try:
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-        base = f"http://127.0.0.1:{port}"
-        status, health = _http(f"{base}/health")
-        assert status == 200 and health["status"] == "ok" and health["n_items"] == 3000
-        status, man = _http(f"{base}/manifest")
-        assert status == 200 and man["checkpoint_sha"] == health["checkpoint_sha"]
-        status, res = _http(f"{base}/search", {"query": "velvet sofa", "k": 7, "mode": "hybrid"})
-        assert status == 200 and len(res["hits"]) == 7 and res["took_ms"] > 0
-        assert all(h["title"] and h["source"] in ("dense", "bm25", "both") for h in res["hits"])
-        for body, reason in [({"query": "   "}, "empty"), ({"query": "x" * 513}, "512"),
-                             ({"query": "sofa", "k": 0}, "greater than or equal to 1"),
-                             ({"query": "sofa", "k": 1001}, "less than or equal to 1000"),
-                             ({"query": "sofa", "mode": "sparse"}, "unknown mode"), ({"k": 3}, "query")]:
-            status, err = _http(f"{base}/search", body)
-            assert status == 422 and reason in json.dumps(err), (body, err)
-        status, page = _http(f"{base}/")
-        assert status == 200 and "assay search" in page and 'id="q"' in page
-        with Store.open(ws, read_only=True) as s:  # a query people graded: the page shows their grades
-            text = s.exec("""SELECT q.text FROM human_labels h JOIN queries q USING (query_id)
-                             WHERE h.grade >= 3 GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1""")[0][0]
-        from urllib.parse import quote
-
-        status, cmp = _http(f"{base}/compare?k=10&q={quote(text)}")
-        assert status == 200 and [s["name"] for s in cmp["systems"]] == ["BM25", "base encoder", "trained model"]
-        assert all(len(s["hits"]) == 10 for s in cmp["systems"]) and cmp["graded"]
-        assert any(h["grade"] is not None for s in cmp["systems"] for h in s["hits"])
-        status, err = _http(f"{base}/compare?q=%20")
-        assert status == 422 and "empty" in json.dumps(err)
+        assert proc.poll() is None, (root / "serve.log").read_text()[-2000:]
+        yield f"http://127.0.0.1:{port}", ws
     finally:
         stop_process(proc)
+
+
+def _graded_query(ws) -> str:
+    """A query people graded, so the page and /compare show their grades."""
+    with Store.open(ws, read_only=True) as s:
+        return s.exec("""SELECT q.text FROM human_labels h JOIN queries q USING (query_id)
+                         WHERE h.grade >= 3 GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1""")[0][0]
+
+
+def test_the_real_server_answers_and_rejects_bad_requests(server):
+    base, ws = server
+    status, health = _http(f"{base}/health")
+    assert status == 200 and health["status"] == "ok" and health["n_items"] == 3000
+    status, man = _http(f"{base}/manifest")
+    assert status == 200 and man["checkpoint_sha"] == health["checkpoint_sha"]
+    status, res = _http(f"{base}/search", {"query": "velvet sofa", "k": 7, "mode": "hybrid"})
+    assert status == 200 and len(res["hits"]) == 7 and res["took_ms"] > 0
+    assert all(h["title"] and h["source"] in ("dense", "bm25", "both") for h in res["hits"])
+    for body, reason in [({"query": "   "}, "empty"), ({"query": "x" * 513}, "512"),
+                         ({"query": "sofa", "k": 0}, "greater than or equal to 1"),
+                         ({"query": "sofa", "k": 1001}, "less than or equal to 1000"),
+                         ({"query": "sofa", "mode": "sparse"}, "unknown mode"), ({"k": 3}, "query")]:
+        status, err = _http(f"{base}/search", body)
+        assert status == 422 and reason in json.dumps(err), (body, err)
+    status, page = _http(f"{base}/")
+    assert status == 200 and "assay search" in page and 'id="q"' in page
+    text = _graded_query(ws)
+    from urllib.parse import quote
+
+    status, cmp = _http(f"{base}/compare?k=10&q={quote(text)}")
+    assert status == 200 and [s["name"] for s in cmp["systems"]] == ["BM25", "base encoder", "trained model"]
+    assert all(len(s["hits"]) == 10 for s in cmp["systems"]) and cmp["graded"]
+    assert any(h["grade"] is not None for s in cmp["systems"] for h in s["hits"])
+    status, err = _http(f"{base}/compare?q=%20")
+    assert status == 422 and "empty" in json.dumps(err)
+
+
+def test_the_server_under_a_bounded_load_answers_every_request(server):
+    """2,000 requests from 16 concurrent clients on loopback, dense and hybrid: no errors (latency: bench_api.py)."""
+    from assay.serving.load import hammer
+
+    base, ws = server
+    with Store.open(ws, read_only=True) as s:
+        queries = [r[0] for r in s.exec("SELECT text FROM queries ORDER BY query_id LIMIT 200")]
+    dense = hammer(base, queries, n=1500, concurrency=16)
+    hybrid = hammer(base, queries, n=500, concurrency=16, mode="hybrid", k=20)
+    assert dense["errors"] == 0 and hybrid["errors"] == 0, (dense["error_samples"], hybrid["error_samples"])
+    assert dense["p50_ms"] > 0 and dense["requests"] + hybrid["requests"] == 2000
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (`make test` installs Debian's package)")
+def test_the_search_page_in_headless_chromium(server, tmp_path):
+    """The page as people use it: a real browser loads /?q=..., its script calls /compare and draws three columns."""
+    import re
+    import subprocess
+    from html import unescape
+    from urllib.parse import quote
+
+    base, ws = server
+    text = _graded_query(ws)
+    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000", "--dump-dom",
+                          f"{base}/?q={quote(text)}"], capture_output=True, text=True, timeout=180)
+    dom = out.stdout
+    shown = re.search(r'<div id="cols" data-query="([^"]*)"', dom)
+    assert shown and unescape(shown.group(1)) == text, dom[-3000:]
+    columns = re.findall(r'<div class="col" data-system="([^"]+)">(.*?)</ol></div>', dom, flags=re.S)
+    assert [name for name, _ in columns] == ["BM25", "base encoder", "trained model"], dom[-3000:]
+    for name, body in columns:
+        hits = re.findall(r"<li>(.*?)</li>", body, flags=re.S)
+        assert len(hits) == 10, (name, body[:500])
+        assert all('class="title">' in h and not h.split('class="title">')[1].startswith("<") for h in hits)
+    assert re.search(r'class="meta g[34]">[0-9.]+ \w+ grade [34]<', dom), "no graded hit shown"
 
 
 def test_the_server_refuses_to_start_on_a_manifest_that_does_not_match(exported, tmp_path):

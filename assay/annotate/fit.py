@@ -63,15 +63,31 @@ def few_shot_examples(store: Store, n: int) -> list[dict]:
     return out
 
 
-def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None) -> dict:
-    pairs, y = human_pairs(store, "calib", pool=cfg.calibrate_on)
-    n_mined = count_mined(store, pairs)
-    fitted_on = {"split": "calib", "pool": cfg.calibrate_on, "seed_pairs": len(pairs) - n_mined, "mined_pairs": n_mined,
+def calibration_pairs(store: Store, pool: str, with_audit: bool) -> tuple[list, np.ndarray, int]:
+    """The calib split (of ``pool``), plus the audit split when ``with_audit`` (an audited pair's audit grade wins
+    over a calib grade of the same pair). Returns (pairs, grades, audit pairs used)."""
+    pairs, y = human_pairs(store, "calib", pool=pool)
+    if not with_audit:
+        return pairs, y, 0
+    a_pairs, a_y = human_pairs(store, "audit")
+    audited = {(p.query_id, p.item_id) for p in a_pairs}
+    keep = [i for i, p in enumerate(pairs) if (p.query_id, p.item_id) not in audited]
+    return [pairs[i] for i in keep] + a_pairs, np.concatenate([y[keep], a_y]), len(a_pairs)
+
+
+def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None,
+        with_audit: bool = False) -> dict:
+    """Fit each judge's calibrator and the cascade thresholds on the calib split (``with_audit``: plus the grades
+    people gave in `assay audit import`)."""
+    pairs, y, n_audit = calibration_pairs(store, cfg.calibrate_on, with_audit)
+    n_mined = count_mined(store, pairs[:len(pairs) - n_audit])
+    fitted_on = {"split": "calib+audit" if with_audit else "calib", "pool": cfg.calibrate_on,
+                 "seed_pairs": len(pairs) - n_mined - n_audit, "mined_pairs": n_mined, "audit_pairs": n_audit,
                  "metric": cfg.agreement_metric}
     judges = judges or prepare_judges(cfg, store)
     summary: dict = {"calib_pairs": len(pairs), "fitted_on": fitted_on, "judges": {}}
     calibrated, latency = [], []
-    with store.run("calibrate", {"annotate": cfg.model_dump(mode="json")}) as run_id:
+    with store.run("calibrate", {"annotate": cfg.model_dump(mode="json"), "with_audit": with_audit}) as run_id:
         for jcfg, judge in zip(cfg.judges, judges):
             t0 = time.perf_counter()
             out = judge.predict(pairs, progress=progress)

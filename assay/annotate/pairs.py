@@ -29,8 +29,8 @@ _POOL_WHERE = {
 def human_pairs(store: Store, split: str, limit: int | None = None, pool: str = "all") -> tuple[list[Pair], np.ndarray]:
     """Human-labeled pairs of one split: ``pool`` all, seed (not requested by `assay label-request`) or mined
     (answers to label requests)."""
-    if split not in ("train", "calib", "eval"):
-        raise ValueError(f"split must be train, calib or eval, got {split!r}")
+    if split not in ("train", "calib", "eval", "audit"):
+        raise ValueError(f"split must be train, calib, eval or audit, got {split!r}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
     tbl = store.query(f"""

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 WANDS_GRADES = {"exact": 4, "partial": 2, "irrelevant": 0}
 ESCI_GRADES = {"e": 4, "s": 2, "c": 1, "i": 0}
-SPLITS = ("train", "calib", "eval")
+SPLITS = ("train", "calib", "eval", "audit")  # audit: grades people gave to sampled labels (`assay audit`)
 TARGETS = ("products", "queries", "engagement", "human_labels")
 
 
@@ -589,7 +589,8 @@ def assign_splits(store: Store, fractions: tuple[float, float, float], seed: int
     if not rows:
         return
     known = dict(store.exec("""
-        SELECT query_id, any_value(split) FROM human_labels WHERE split IS NOT NULL GROUP BY query_id"""))
+        SELECT query_id, any_value(split) FROM human_labels WHERE split IS NOT NULL AND split <> 'audit'
+        GROUP BY query_id"""))
     a, b = fractions[0], fractions[0] + fractions[1]
     out = []
     for (qid,) in rows:

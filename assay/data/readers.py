@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 RAW_MAX = 500  # characters of a rejected record kept in rejects.raw
+# Largest CSV field accepted (Python's default is 128 KiB, less than some real product descriptions); a bigger
+# field is a reject naming this limit.
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
+csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
 
 
 @dataclass

@@ -42,12 +42,84 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
                        base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
                        progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None)
         res["run_id"] = run_id
+        res["context"] = context(cfg, store)
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
         res["report"] = str(_report(folder, res))
         (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in ("split", "queries", "judgments",
                                                                             "segments", "systems")}, indent=1))
         store.finish_run(run_id, res)
     return res
+
+
+def context(cfg: AssayConfig, store: Store) -> dict:
+    """What the evaluated models were built from: examples per tier and split, the newest cascade's coverage of
+    the mined pairs (who decided), its agreement with human eval labels (the newest `assay agreement` report),
+    and the newest training run's ablation and validation curves."""
+    from assay.annotate.pairs import work_sql
+    from assay.curriculum.tiers import TIER_NAMES
+
+    out: dict = {}
+    tiers: dict[str, dict[str, int]] = {}
+    for tier, split, n in store.exec("SELECT tier, split, count(*) FROM examples GROUP BY ALL ORDER BY ALL"):
+        tiers.setdefault(TIER_NAMES.get(int(tier), str(tier)), {})[split] = int(n)
+    if tiers:
+        out["tiers"] = tiers
+    newest = store.exec("SELECT cascade_sha FROM labels GROUP BY cascade_sha ORDER BY max(created_at) DESC LIMIT 1")
+    if newest:
+        sha = newest[0][0]
+        mined = store.exec(f"SELECT count(*) FROM ({work_sql(cfg.annotate.sources)})")[0][0]
+        by = store.exec("""SELECT coalesce(decided_by, status), count(*) FROM labels WHERE cascade_sha = ?
+                           GROUP BY ALL ORDER BY 2 DESC""", [sha])
+        labeled = sum(n for _, n in by)
+        out["cascade"] = {"cascade_sha": sha, "mined_pairs": int(mined), "labeled": int(labeled),
+                          "coverage": round(labeled / mined, 4) if mined else None,
+                          "decided_by": {str(k): int(n) for k, n in by}}
+        reports = sorted((store.artifacts / "reports").glob("agreement-*/report.json"))
+        if reports:
+            agr = json.loads(reports[-1].read_text())
+            c = agr.get("cascade", {})
+            out["cascade"]["agreement"] = {
+                "report": str(reports[-1].parent / "report.html"), "cascade_sha": agr.get("cascade_sha"),
+                "human_eval_pairs": agr.get("pairs"), "accuracy": c.get("accuracy"), "qwk": c.get("qwk"),
+                "labels_vs_truth_accuracy": (agr.get("labels_vs_truth") or {}).get("accuracy")}
+    row = store.exec("""SELECT summary FROM runs WHERE stage = 'train' AND status = 'ok'
+                        ORDER BY ended_at DESC LIMIT 1""")
+    if row and row[0][0]:
+        summary = json.loads(row[0][0])
+        out["training"] = {k: summary.get(k) for k in ("run_id", "ablation", "curves", "base_val_ndcg10",
+                                                       "skipped_stages", "report")}
+    return out
+
+
+def _context_sections(folder: Path, ctx: dict) -> list[tuple[str, str]]:
+    from assay.trainer.run import curves_png
+
+    sections = []
+    if ctx.get("tiers"):
+        splits = sorted({s for v in ctx["tiers"].values() for s in v})
+        sections.append(("Training examples per tier and split (`assay curriculum`)", table_html(
+            ["tier"] + splits, [[t] + [v.get(s, 0) for s in splits] for t, v in ctx["tiers"].items()])))
+    if ctx.get("cascade"):
+        c = ctx["cascade"]
+        rows = [[k, n, round(n / c["labeled"], 4) if c["labeled"] else 0] for k, n in c["decided_by"].items()]
+        a = c.get("agreement")
+        agree = "" if not a else (
+            f"<p>Agreement with human eval labels ({a['human_eval_pairs']} pairs, cascade {a['cascade_sha']}): "
+            f"accuracy {a['accuracy']}, QWK {a['qwk']}"
+            + (f"; every written label against the simulator's truth: accuracy {a['labels_vs_truth_accuracy']}"
+               if a.get("labels_vs_truth_accuracy") is not None else "") + "</p>")
+        sections.append((f"The cascade's labels (cascade {c['cascade_sha']})",
+                         f"<p>{c['labeled']:,} of {c['mined_pairs']:,} mined pairs labeled "
+                         f"(coverage {c['coverage']})</p>" + table_html(["decided by", "labels", "share"], rows)
+                         + agree))
+    t = ctx.get("training")
+    if t and t.get("ablation"):
+        curves_png(t, folder / "curves.png")
+        rows = [[r["model"], r["val_ndcg10"], r["steps"],
+                 "" if r.get("kept") is None else ("kept" if r["kept"] else "skipped")] for r in t["ablation"]]
+        sections.append(("Training (validation NDCG@10 on the cascade's labels of validation queries)",
+                         table_html(["model", "val NDCG@10", "steps", "stage"], rows) + img("curves.png")))
+    return sections
 
 
 def _report(folder: Path, res: dict) -> Path:
@@ -62,4 +134,5 @@ def _report(folder: Path, res: dict) -> Path:
     bar_png(names, [res["systems"][n]["all"]["embarrassing@10"] for n in names], folder / "embarrassing10.png",
             "embarrassing rate@10", "grade-0 share of judged top 10")
     sections.append(("Charts", img("ndcg10.png") + img("embarrassing10.png")))
+    sections += _context_sections(folder, res.get("context", {}))
     return write_report(folder, "assay evaluate", res, sections)

@@ -8,7 +8,8 @@ Endpoints:
 - ``GET /manifest`` -> the index manifest;
 - ``GET /compare?q=...&k=10`` -> BM25, the base encoder and the trained model side by side, each hit with its grade
   when the workspace holds one for that query text (cascade label, or human median);
-- ``GET /`` -> a small page with one query box that shows those three columns.
+- ``GET /`` -> a small page with one query box that shows those three columns (``GET /?q=...`` opens with that
+  query's comparison, a link to share).
 
 The app refuses to start when the index manifest does not match its checkpoint (assay.serving.index.Served). The
 workspace is opened read-only; the base encoder's catalog vectors come from the embedding cache when
@@ -38,9 +39,9 @@ PAGE = """<!doctype html>
 <div id="cols"></div>
 <script>
 const f = document.getElementById('f');
-f.addEventListener('submit', async (e) => {
-  e.preventDefault();
-  const q = document.getElementById('q').value;
+f.addEventListener('submit', (e) => { e.preventDefault(); show(document.getElementById('q').value); });
+async function show(q) {
+  history.replaceState(null, '', '/?q=' + encodeURIComponent(q));  // a link to this comparison
   const r = await fetch('/compare?k=10&q=' + encodeURIComponent(q));
   const data = await r.json();
   const cols = document.getElementById('cols');
@@ -60,7 +61,10 @@ f.addEventListener('submit', async (e) => {
     }
     div.appendChild(ol); cols.appendChild(div);
   }
-});
+  cols.dataset.query = q;
+}
+const q0 = new URLSearchParams(location.search).get('q');
+if (q0) { document.getElementById('q').value = q0; show(q0); }
 </script></body></html>
 """
 

@@ -235,11 +235,12 @@ def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
             "final_checkpoint": str(final_checkpoint(folder, len(cfg.stages)) or "")}
 
 
-def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
+def curves_png(summary: dict, path: Path) -> Path:
+    """Validation NDCG@10 against steps for every stage (laid end to end) and baseline of a train summary."""
     from assay.reporting import _mpl
 
     plt = _mpl()
-    out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     offset = 0
     for name, hist in summary.get("curves", {}).items():
@@ -249,13 +250,20 @@ def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
         ax.plot(x, [h["val_ndcg10"] for h in hist], marker="o", ms=3, label=name)
         if name.startswith("stage"):
             offset = x.max()
-    ax.axhline(summary["base_val_ndcg10"], color="gray", ls="--", lw=1, label="base encoder")
+    if summary.get("base_val_ndcg10") is not None:
+        ax.axhline(summary["base_val_ndcg10"], color="gray", ls="--", lw=1, label="base encoder")
     ax.set_xlabel("step (stages laid end to end)")
     ax.set_ylabel("validation NDCG@10")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png")
+    fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    curves_png(summary, out / "curves.png")
     rows = [[r["model"], r["val_ndcg10"], r["steps"], "" if r["kept"] is None else ("kept" if r["kept"] else "skipped")]
             for r in summary.get("ablation", [])]
     write_report(out, "assay train", summary, [

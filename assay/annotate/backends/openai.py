@@ -4,7 +4,8 @@ Each prompt is one chat request (user message), temperature 0, ``max_tokens=cfg.
 ``logprobs=True, top_logprobs=5``, and structured output. At most ``cfg.concurrency`` requests are
 in flight (an ``asyncio.Semaphore``); each has a hard limit of ``cfg.timeout_s``.
 
-Retries: 429, 408/409, 5xx, timeouts and connection errors are retried up to ``cfg.max_retries``
+Retries: 429, 408/409, 5xx, timeouts, connection errors and malformed 200 answers (a body cut off, an empty
+body, no choices) are retried up to ``cfg.max_retries``
 times with exponential backoff and full jitter (``backoff_s * 2**attempt``, capped at ``max_backoff_s``,
 at least a ``Retry-After`` the server sends). The client's own retries are off, so the retries counted
 are ours. A prompt that still fails returns ``Completion(text=None, error=...)``; nothing is raised.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import random
@@ -56,6 +58,10 @@ def _response_format(level: str) -> dict | None:
 
 class _Fatal(Exception):
     """A non-retryable error at every option level."""
+
+
+class MalformedResponse(RuntimeError):
+    """A 200 answer that is not a usable chat completion (retried like a transient error)."""
 
 
 class OpenAIBackend:
@@ -127,10 +133,16 @@ class OpenAIBackend:
         attempt = 0
         while True:
             try:
-                return await self._with_fallbacks(client, prompt)
+                resp = await self._with_fallbacks(client, prompt)
+                if not getattr(resp, "choices", None):
+                    raise MalformedResponse("the server answered 200 without any choices")
+                return resp
             except (openai.APIConnectionError, asyncio.TimeoutError) as e:  # APITimeoutError included
                 retry_after = None
                 err: Exception = e
+            except (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponse) as e:
+                retry_after = None  # a body cut off, empty or not shaped like a completion: ask again
+                err = e
             except openai.APIStatusError as e:
                 if not (e.status_code in _RETRY_STATUS or e.status_code >= 500):
                     raise

@@ -1,0 +1,1 @@
+"""Audit export and the audit loop: `assay export`, `assay audit sample`, `assay audit import`."""
