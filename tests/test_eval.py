@@ -63,6 +63,18 @@ def test_evaluate_command_writes_report_and_rejects_missing_split(curriculum_ws,
     assert set(s["systems"]) == {"bm25", "base encoder", "hybrid"}  # no trained checkpoint yet
     rep = Path(s["report"])
     assert rep.exists() and (rep.parent / "ndcg10.png").stat().st_size > 1000
+    # what the models were built from: examples per tier and split, the cascade's coverage of the mined pairs
+    ctx = s["context"]
+    with Store.open(curriculum_ws, read_only=True) as store:
+        n_ex = store.count("examples")
+        mined = store.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM candidates UNION "
+                             "SELECT query_id, item_id FROM negatives)")
+    assert sum(sum(v.values()) for v in ctx["tiers"].values()) == n_ex and set(ctx["tiers"]) <= {
+        "easy_pos", "hard_pos", "hard_neg", "token_sim_neg", "random_neg"}
+    assert ctx["cascade"]["mined_pairs"] == mined and ctx["cascade"]["coverage"] == 1.0
+    assert ctx["cascade"]["decided_by"] == {"fixture": mined} and "training" not in ctx  # nothing trained yet
+    html = rep.read_text()
+    assert "Training examples per tier and split" in html and "The cascade" in html
     with Store.open(curriculum_ws, read_only=True) as store:
         assert store.scalar("SELECT status FROM runs WHERE stage = 'evaluate'") == "ok"
     r = CliRunner().invoke(app, ["evaluate", "-w", str(tiny_workspace), "-q"])

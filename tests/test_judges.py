@@ -221,3 +221,27 @@ def test_llm_classifier_lora_round_trip(labeled, tmp_path):
     assert np.ptp(a.probs[:, 0]) > 0  # the head reads each pair, not a constant
     with pytest.raises(Exception, match="lora_r"):
         load_judge(cfg.model_copy(update={"lora_r": 4}), tmp_path)
+
+
+def test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives(trained_ce, labeled, tmp_path):
+    """Appending the query to the title of a low-grade product: the judge trained with stuffed copies of its grade
+    0-1 training pairs (the default, ``stuffed_negatives``) raises far fewer of them than the same judge without."""
+    from assay.annotate.judges.cross_encoder import CrossEncoderJudge
+    from assay.annotate.stuffing import measure, stuff, stuffed_copies
+
+    pairs, grades = labeled["train"]
+    aug_pairs, aug_grades = stuffed_copies(pairs, grades, 0.5, seed=1)
+    low = int((grades <= 1).sum())
+    assert len(aug_pairs) == len(pairs) + round(0.5 * low) and (aug_grades[len(pairs):] <= 1).all()
+    assert all(p.title.endswith(p.query) for p in aug_pairs[len(pairs):]) and stuff(pairs[0]).query == pairs[0].query
+    _, defended, summary = trained_ce
+    assert summary["n_stuffed"] > 0 and CE_CFG.stuffed_negatives == 0.5
+    plain, _ = CrossEncoderJudge.fit(CE_CFG.model_copy(update={"stuffed_negatives": 0.0}), pairs, grades,
+                                     tmp_path, progress=False)
+    held, ref = _held_out(labeled)
+    before = measure(plain, held, ref)
+    after = measure(defended, held, ref)
+    print(f"\nkeyword stuffing on {before['pairs']} held-out pairs graded 0-1: raised {before['raised']:.1%} -> "
+          f"{after['raised']:.1%}, at grade >= 3 {before['stuffed_at_3_plus']:.1%} -> {after['stuffed_at_3_plus']:.1%}")
+    assert before["raised"] > 0.2  # the attack works on an undefended judge
+    assert after["raised"] < before["raised"] / 2 and after["stuffed_at_3_plus"] < before["stuffed_at_3_plus"]

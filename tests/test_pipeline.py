@@ -40,6 +40,11 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):
     assert all(r["status"] == "ran" for r in first["steps"]), first["steps"]
     ev = first["evaluate"]
     assert ev["judgments"] == "truth" and {"bm25", "base encoder", "baseline-click"} <= set(ev["systems"])
+    ctx = ev["context"]  # the report also shows the training data, the cascade and the training curves
+    assert ctx["tiers"] and ctx["cascade"]["coverage"] == 1.0 and set(ctx["cascade"]["decided_by"]) <= {
+        "features", "ce", "vote"} and ctx["cascade"]["agreement"]["accuracy"] is not None
+    assert [r["model"] for r in ctx["training"]["ablation"]][:2] == ["base encoder", "stage 1"]
+    assert "baseline-click" in ctx["training"]["curves"]
     with Store.open(ws, read_only=True) as s:
         assert s.count("label_requests") == 150 and s.count("labels") > 0 and s.count("examples") > 0
         pending = s.scalar("""SELECT count(*) FROM (SELECT query_id, item_id FROM candidates UNION

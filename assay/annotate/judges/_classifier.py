@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from assay.annotate.base import N_GRADES, OK, JudgeOutput, Pair
 from assay.annotate.judges import teacher_dir
 from assay.annotate.prompts import render, template_sha
+from assay.annotate.stuffing import stuffed_copies
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ TRAIN_COMMAND = "`assay teachers train`"
 
 # JudgeConfig fields that change the trained weights (learning_rate is stored resolved).
 TRAIN_FIELDS = ("kind", "model", "template_name", "max_length", "epochs", "learning_rate", "train_batch_size",
-                "max_train_pairs", "class_weight", "seed")
+                "max_train_pairs", "class_weight", "stuffed_negatives", "seed")
 WARMUP_SHARE = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -362,6 +363,8 @@ class ClassifierJudge:
         from assay.models import model_sha
 
         pairs, g = cap_train_pairs(cfg, pairs, cls._check_inputs(cfg, pairs, grades))
+        n_human = len(pairs)
+        pairs, g = stuffed_copies(pairs, g, cfg.stuffed_negatives, cfg.seed)
         tcfg = cls.train_config(cfg)
         resolved = cls._resolve(cfg)
         texts = render_inputs(cfg.template_name, pairs)
@@ -390,7 +393,8 @@ class ClassifierJudge:
             "template_sha": template_sha(cfg.template_name),
             "config": tcfg,
             "config_digest": config_digest(tcfg),
-            "n_train": len(pairs),
+            "n_train": n_human,
+            "n_stuffed": len(pairs) - n_human,
             "grade_counts": np.bincount(g, minlength=N_GRADES).tolist(),
             "weights_sha": files_sha(tmp),
             "files": sorted(p.name for p in tmp.iterdir()),
@@ -405,7 +409,7 @@ class ClassifierJudge:
             shutil.rmtree(final)
         os.replace(tmp, final)
         log.info("trained judge %s (%s) on %d pairs -> %s", cfg.name, cls.kind, len(pairs), final)
-        summary = {k: manifest[k] for k in ("name", "kind", "base_model", "n_train", "grade_counts", "steps",
+        summary = {k: manifest[k] for k in ("name", "kind", "base_model", "n_train", "n_stuffed", "grade_counts", "steps",
                                             "train_seconds", "first_train_loss", "final_train_loss",
                                             "config_digest", "template_sha", "weights_sha")}
         summary["path"] = str(final)
