@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--real", type=int, default=10_000, help="simulated products encoded for real")
     ap.add_argument("--queries", type=int, default=500, help="single-query requests timed per index")
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()

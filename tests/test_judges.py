@@ -225,7 +225,7 @@ def test_llm_classifier_lora_round_trip(labeled, tmp_path):
 
 def test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives(trained_ce, labeled, tmp_path):
     """Appending the query to the title of a low-grade product: the judge trained with stuffed copies of its grade
-    0-1 training pairs (the default, ``stuffed_negatives``) raises far fewer of them than the same judge without."""
+    0-1 training pairs (``stuffed_negatives: 0.5``) raises far fewer of them than the same judge without."""
     from assay.annotate.judges.cross_encoder import CrossEncoderJudge
     from assay.annotate.stuffing import measure, stuff, stuffed_copies
 
@@ -234,10 +234,11 @@ def test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives(trained_c
     low = int((grades <= 1).sum())
     assert len(aug_pairs) == len(pairs) + round(0.5 * low) and (aug_grades[len(pairs):] <= 1).all()
     assert all(p.title.endswith(p.query) for p in aug_pairs[len(pairs):]) and stuff(pairs[0]).query == pairs[0].query
-    _, defended, summary = trained_ce
-    assert summary["n_stuffed"] > 0 and CE_CFG.stuffed_negatives == 0.5
-    plain, _ = CrossEncoderJudge.fit(CE_CFG.model_copy(update={"stuffed_negatives": 0.0}), pairs, grades,
-                                     tmp_path, progress=False)
+    _, plain, summary = trained_ce
+    assert summary["n_stuffed"] == 0 and CE_CFG.stuffed_negatives == 0.0  # off by default
+    defended, dsum = CrossEncoderJudge.fit(CE_CFG.model_copy(update={"stuffed_negatives": 0.5}), pairs, grades,
+                                           tmp_path, progress=False)
+    assert dsum["n_stuffed"] > 0
     held, ref = _held_out(labeled)
     before = measure(plain, held, ref)
     after = measure(defended, held, ref)

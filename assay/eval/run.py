@@ -74,12 +74,13 @@ def context(cfg: AssayConfig, store: Store) -> dict:
         out["cascade"] = {"cascade_sha": sha, "mined_pairs": int(mined), "labeled": int(labeled),
                           "coverage": round(labeled / mined, 4) if mined else None,
                           "decided_by": {str(k): int(n) for k, n in by}}
-        reports = sorted((store.artifacts / "reports").glob("agreement-*/report.json"))
-        if reports:
-            agr = json.loads(reports[-1].read_text())
+        reports = sorted((store.artifacts / "reports").glob("agreement-*/report.json"), key=lambda p: p.stat().st_mtime)
+        evals = [(p, d) for p, d in ((p, json.loads(p.read_text())) for p in reports) if d.get("split") == "eval"]
+        if evals:  # the newest `assay agreement` on the human eval split (not an audit report)
+            path, agr = evals[-1]
             c = agr.get("cascade", {})
             out["cascade"]["agreement"] = {
-                "report": str(reports[-1].parent / "report.html"), "cascade_sha": agr.get("cascade_sha"),
+                "report": str(path.parent / "report.html"), "cascade_sha": agr.get("cascade_sha"),
                 "human_eval_pairs": agr.get("pairs"), "accuracy": c.get("accuracy"), "qwk": c.get("qwk"),
                 "labels_vs_truth_accuracy": (agr.get("labels_vs_truth") or {}).get("accuracy")}
     row = store.exec("""SELECT summary FROM runs WHERE stage = 'train' AND status = 'ok'
