@@ -149,10 +149,12 @@ def _command(stage: str) -> str:
 def _annotation(store: Store) -> list[Finding]:
     from assay.annotate.pairs import work_sql
 
-    row = store.exec("SELECT cascade_sha FROM labels GROUP BY 1 ORDER BY max(created_at) DESC LIMIT 1")
-    if not row:
+    from assay.audit.export import newest_cascade
+
+    try:
+        sha = newest_cascade(store)
+    except ValueError:
         return [Finding("annotation", "ok", 0, "nothing annotated yet")]
-    sha = row[0][0]
     try:
         todo = int(store.scalar(f"""SELECT count(*) FROM ({work_sql(['candidates', 'negatives'])}) w
                                     WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id

@@ -18,6 +18,9 @@ from assay.store import Store
 _FIELDS = "q.text AS query, p.title, p.description, p.brand, p.category, CAST(p.attributes AS VARCHAR) AS attributes"
 
 
+# The reference grade of a pair several people graded: the median, rounded half down (SQL over human_labels.grade).
+HUMAN_GRADE_SQL = "floor(median(grade) + 0.4)::TINYINT"
+
 POOLS = ("all", "seed", "mined")
 _POOL_WHERE = {
     "all": "",
@@ -35,7 +38,7 @@ def human_pairs(store: Store, split: str, limit: int | None = None, pool: str = 
         raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
     tbl = store.query(f"""
         SELECT h.query_id, h.item_id, {_FIELDS}, h.grade
-        FROM (SELECT query_id, item_id, floor(median(grade) + 0.4)::TINYINT AS grade
+        FROM (SELECT query_id, item_id, {HUMAN_GRADE_SQL} AS grade
               FROM human_labels h WHERE split = ? {_POOL_WHERE[pool]} GROUP BY 1, 2) h
         JOIN queries q USING (query_id) JOIN products p USING (item_id)
         ORDER BY h.query_id, h.item_id {f'LIMIT {int(limit)}' if limit else ''}""", [split])

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from assay.annotate.pairs import HUMAN_GRADE_SQL
 from assay.config import ExportConfig
 from assay.store import Store
 
@@ -86,7 +87,7 @@ def lineage_sql(cascade_sha: str, filters: dict | None = None) -> tuple[str, lis
                                 probs := calibrated, parse_status := parse_status) ORDER BY judge) AS votes
         FROM label_votes WHERE cascade_sha = ? GROUP BY query_id, item_id),
     e AS (SELECT * FROM examples QUALIFY row_number() OVER (PARTITION BY query_id, item_id ORDER BY stage) = 1),
-    h AS (SELECT query_id, item_id, floor(median(grade) + 0.4)::TINYINT AS human_grade,
+    h AS (SELECT query_id, item_id, {HUMAN_GRADE_SQL} AS human_grade,
                  count(*) AS human_votes, any_value(split) AS human_split
           FROM human_labels GROUP BY query_id, item_id)
     SELECT l.query_id, q.text AS query, coalesce(q.segment, 'unknown') AS segment, l.item_id, p.title, p.brand,

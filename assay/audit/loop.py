@@ -24,24 +24,27 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from assay.annotate.pairs import HUMAN_GRADE_SQL
 from assay.audit import export as ex
 from assay.config import AuditConfig, ExportConfig
 from assay.reporting import confusion_png, img, table_html, write_report
 from assay.store import Store, utcnow
 
 AUDIT_SPLIT = "audit"
+# the audit grade of each audited pair (median over the people who graded it) and each pair's curriculum tier
+_AUDIT_CTE = f"""h AS (SELECT query_id, item_id, {HUMAN_GRADE_SQL} AS human FROM human_labels
+                       WHERE split = '{AUDIT_SPLIT}' GROUP BY ALL)"""
+_TIER_SQL = "(SELECT query_id, item_id, min(tier) AS tier FROM examples GROUP BY ALL)"
 
 
-def _strata_sql(sha: str) -> str:
-    return f"""
-        SELECT l.query_id, l.item_id, coalesce(l.confidence, 0) AS confidence,
-               'tier=' || coalesce(t.tier::VARCHAR, 'none') || '/grade=' || l.grade || '/by=' ||
-               coalesce(l.decided_by, '?') AS stratum
-        FROM labels l
-        LEFT JOIN (SELECT query_id, item_id, min(tier) AS tier FROM examples GROUP BY ALL) t USING (query_id, item_id)
-        WHERE l.cascade_sha = '{sha}' AND l.status = 'ok'
-          AND NOT EXISTS (SELECT 1 FROM human_labels h WHERE h.query_id = l.query_id AND h.item_id = l.item_id
-                          AND h.split = '{AUDIT_SPLIT}')"""
+STRATA_SQL = f"""
+    SELECT l.query_id, l.item_id, coalesce(l.confidence, 0) AS confidence,
+           'tier=' || coalesce(t.tier::VARCHAR, 'none') || '/grade=' || l.grade || '/by=' ||
+           coalesce(l.decided_by, '?') AS stratum
+    FROM labels l LEFT JOIN {_TIER_SQL} t USING (query_id, item_id)
+    WHERE l.cascade_sha = ? AND l.status = 'ok'
+      AND NOT EXISTS (SELECT 1 FROM human_labels h WHERE h.query_id = l.query_id AND h.item_id = l.item_id
+                      AND h.split = '{AUDIT_SPLIT}')"""
 
 
 def pick(store: Store, cfg: AuditConfig, sha: str, n: int) -> pa.Table:
@@ -49,7 +52,7 @@ def pick(store: Store, cfg: AuditConfig, sha: str, n: int) -> pa.Table:
     tier x grade x decided_by, low-confidence pairs weighted ``oversample`` inside their stratum."""
     from assay.annotate.requests import allocate
 
-    pool = store.query(_strata_sql(sha))
+    pool = store.query(STRATA_SQL, [sha])
     if pool.num_rows == 0:
         raise ValueError(f"cascade {sha} has no labels left to audit (every labeled pair already has an audit "
                          "grade, or nothing is labeled: run `assay annotate`)")
@@ -177,23 +180,22 @@ def import_grades(store: Store, path: Path, *, progress: bool = True) -> dict:
 
 
 def _metrics(pred: np.ndarray, y: np.ndarray) -> dict:
-    from assay.annotate.agreement import _metrics as m
+    """`assay agreement`'s metrics (accuracy, QWK, within one, recall per grade, confusion)."""
+    from assay.annotate.agreement import _metrics as agreement_metrics
 
-    return m(pred.astype(np.int64), y.astype(np.int64))
+    return agreement_metrics(pred.astype(np.int64), y.astype(np.int64))
 
 
 def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | None = None) -> dict:
     """The written labels (and each judge's vote) of one cascade against the audit grades."""
     sha = cascade_sha or ex.newest_cascade(store)
     tbl = store.query(f"""
-        WITH h AS (SELECT query_id, item_id, floor(median(grade) + 0.4)::TINYINT AS human
-                   FROM human_labels WHERE split = '{AUDIT_SPLIT}' GROUP BY ALL)
+        WITH {_AUDIT_CTE}
         SELECT h.query_id, h.item_id, h.human, l.grade, l.decided_by,
                coalesce(t.tier::VARCHAR, 'none') AS tier
         FROM h JOIN labels l ON l.query_id = h.query_id AND l.item_id = h.item_id
                             AND l.cascade_sha = ? AND l.status = 'ok'
-        LEFT JOIN (SELECT query_id, item_id, min(tier) AS tier FROM examples GROUP BY ALL) t
-               ON t.query_id = h.query_id AND t.item_id = h.item_id
+        LEFT JOIN {_TIER_SQL} t ON t.query_id = h.query_id AND t.item_id = h.item_id
         ORDER BY h.query_id, h.item_id""", [sha])
     if tbl.num_rows == 0:
         raise ValueError(f"no audit grades on labels of cascade {sha}; run `assay audit sample`, have people grade "
@@ -213,8 +215,7 @@ def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | N
     for t in sorted(set(tier_name.tolist())):
         data["by_tier"][t] = _metrics(pred[tier_name == t], y[tier_name == t])
     votes = store.query(f"""
-        WITH h AS (SELECT query_id, item_id, floor(median(grade) + 0.4)::TINYINT AS human
-                   FROM human_labels WHERE split = '{AUDIT_SPLIT}' GROUP BY ALL)
+        WITH {_AUDIT_CTE}
         SELECT v.judge, any_value(v.model) AS model, list(v.grade ORDER BY h.query_id, h.item_id) AS pred,
                list(h.human ORDER BY h.query_id, h.item_id) AS human
         FROM h JOIN label_votes v ON v.query_id = h.query_id AND v.item_id = h.item_id AND v.cascade_sha = ?

@@ -56,6 +56,7 @@ def context(cfg: AssayConfig, store: Store) -> dict:
     the mined pairs (who decided), its agreement with human eval labels (the newest `assay agreement` report),
     and the newest training run's ablation and validation curves."""
     from assay.annotate.pairs import work_sql
+    from assay.audit.export import newest_cascade
     from assay.curriculum.tiers import TIER_NAMES
 
     out: dict = {}
@@ -64,9 +65,11 @@ def context(cfg: AssayConfig, store: Store) -> dict:
         tiers.setdefault(TIER_NAMES.get(int(tier), str(tier)), {})[split] = int(n)
     if tiers:
         out["tiers"] = tiers
-    newest = store.exec("SELECT cascade_sha FROM labels GROUP BY cascade_sha ORDER BY max(created_at) DESC LIMIT 1")
-    if newest:
-        sha = newest[0][0]
+    try:
+        sha = newest_cascade(store)
+    except ValueError:  # nothing annotated
+        sha = None
+    if sha:
         mined = store.exec(f"SELECT count(*) FROM ({work_sql(cfg.annotate.sources)})")[0][0]
         by = store.exec("""SELECT coalesce(decided_by, status), count(*) FROM labels WHERE cascade_sha = ?
                            GROUP BY ALL ORDER BY 2 DESC""", [sha])
@@ -74,10 +77,12 @@ def context(cfg: AssayConfig, store: Store) -> dict:
         out["cascade"] = {"cascade_sha": sha, "mined_pairs": int(mined), "labeled": int(labeled),
                           "coverage": round(labeled / mined, 4) if mined else None,
                           "decided_by": {str(k): int(n) for k, n in by}}
-        reports = sorted((store.artifacts / "reports").glob("agreement-*/report.json"), key=lambda p: p.stat().st_mtime)
-        evals = [(p, d) for p, d in ((p, json.loads(p.read_text())) for p in reports) if d.get("split") == "eval"]
-        if evals:  # the newest `assay agreement` on the human eval split (not an audit report)
-            path, agr = evals[-1]
+        reports = sorted((store.artifacts / "reports").glob("agreement-*/report.json"), key=lambda p: p.stat().st_mtime,
+                         reverse=True)
+        # the newest `assay agreement` on the human eval split (not an audit report); older reports are not read
+        path, agr = next(((p, d) for p, d in ((p, json.loads(p.read_text())) for p in reports)
+                          if d.get("split") == "eval"), (None, None))
+        if agr is not None:
             c = agr.get("cascade", {})
             out["cascade"]["agreement"] = {
                 "report": str(path.parent / "report.html"), "cascade_sha": agr.get("cascade_sha"),
