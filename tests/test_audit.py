@@ -358,3 +358,27 @@ def test_hostile_and_broken_input_gets_clear_results_and_a_consistent_workspace(
         with pytest.raises(ValueError, match="no products"):
             mine(MiningConfig(), s, progress=False)
         assert s.count("candidates") == 0
+
+
+def test_export_audit_and_doctor_from_the_cli(audit_master, tmp_path):
+    from typer.testing import CliRunner
+
+    from assay.cli import app
+
+    ws = str(copy_ws(audit_master, tmp_path / "ws"))
+    run = CliRunner().invoke
+    r = run(app, ["export", "-w", ws, "--out", str(tmp_path / "x.xlsx"), "-q"])
+    assert r.exit_code == 2 and "unknown export format" in r.output
+    r = run(app, ["export", "-w", ws, "--out", str(tmp_path / "t.jsonl"), "--tier", "1", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["rows"] == len((tmp_path / "t.jsonl").read_text().splitlines())
+    r = run(app, ["audit", "sample", "-w", ws, "--out", str(tmp_path / "a.csv"), "--n", "60", "-q"])
+    assert r.exit_code == 0 and (tmp_path / "a.csv").exists(), r.output
+    r = run(app, ["audit", "import", str(tmp_path / "a.csv"), "-w", ws, "-q"])
+    assert r.exit_code == 2 and "holds no grades" in r.output
+    r = run(app, ["agreement", "-w", ws, "--split", "audit", "-q"])
+    assert r.exit_code == 2 and "assay audit import" in " ".join(r.output.split())
+    r = run(app, ["agreement", "-w", ws, "--split", "bogus", "-q"])
+    assert r.exit_code == 2 and "eval or audit" in r.output
+    r = run(app, ["doctor", "-w", ws, "--json", "-q"])
+    assert r.exit_code == 0 and json.loads(r.stdout[r.stdout.index("{"):])["status"] == "ok", r.output
