@@ -76,6 +76,19 @@ class ModelsConfig(Section):
 
     embedder: str = Field("all-MiniLM-L6-v2", description="bi-encoder for ANN mining and the base two-tower")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="inference of the mining encoder and the two-tower model (export-index, evaluate, serve): "
+                            "torch, onnx (ONNX Runtime fp32) or onnx-int8 (int8 dynamic quantization); auto = "
+                            "onnx-int8 on CPU when it passes the accuracy guard, else onnx; torch on CUDA "
+                            "(docs/inference.md)")
+    guard_sample: int = Field(256, ge=0, description="texts (catalog items and queries) an int8 export is compared "
+                                                     "on against its fp32 PyTorch source; 0 = no guard")
+    guard_min_cosine: float = Field(0.98, ge=0, le=1, description="least mean cosine between int8 and fp32 "
+                                                                  "embeddings of the guard sample (measured 0.992 "
+                                                                  "for MiniLM-L6)")
+    guard_max_ndcg_drop: float = Field(0.005, ge=0, description="most NDCG@10 a two-tower int8 export may lose "
+                                                                "against fp32 on the validation queries' labeled "
+                                                                "pairs (labels a user has)")
 
 
 class BM25Config(Section):
@@ -96,8 +109,9 @@ class AnnConfig(Section):
     nprobe: int = Field(16, ge=1, description="IVF lists probed")
     max_seq_length: int = Field(64, ge=8, description="tokens per item text")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 autocast encodes ~1.9x faster in a fresh process, but with 2 threads its nested "
-                            "flash-attention + MKL bf16 GEMM path was seen to crawl (>10x slower); fp32 is the safe default")
+        "fp32", description="torch backend only: bf16 autocast is fast only on CPUs with AVX512-BF16 or AMX; without "
+                            "them PyTorch's bf16 matmul fallback was profiled 5.6x slower than fp32 and is refused "
+                            "(docs/inference.md)")
     batch_size: int = Field(128, ge=1)
     recall_sample: int = Field(200, ge=0, description="queries used to measure an approximate index against exact")
 
@@ -164,6 +178,12 @@ class JudgeConfig(Section):
     max_length: int = Field(128, ge=16, description="input tokens")
     batch_size: int = Field(32, ge=1, description="pairs per forward pass / per request wave")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="CPU inference autocast (see mining.ann.precision)")
+    inference: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="cross_encoder judges: where the forward pass runs (see models.backend); auto = "
+                            "onnx-int8 on CPU when its accuracy on the calib split is within guard_max_accuracy_drop "
+                            "of fp32, else onnx. Other kinds run on torch")
+    guard_max_accuracy_drop: float = Field(0.005, ge=0, le=1, description="most accuracy (share of calib pairs) an "
+                                                                          "int8 judge may lose against fp32")
     # training (classifier kinds)
     epochs: float = Field(2.0, gt=0)
     learning_rate: float | None = Field(None, gt=0, description="None = 2e-4 (cross_encoder, measured: 5e-5 does not move a 5-class head off the majority grade on a few hundred pairs) or 1e-3 (LoRA of llm_classifier, measured: 2e-4 leaves SmolLM2-135M at 0.41 accuracy after an epoch of 4,179 pairs, 1e-3 reaches 0.62 in 1.5)")

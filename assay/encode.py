@@ -23,13 +23,30 @@ from assay.text import TEXT_TEMPLATE_VERSION, digest, text_shas
 log = logging.getLogger(__name__)
 
 
+def check_bf16(precision: str, device: str, setting: str) -> None:
+    """Refuse bf16 autocast on a CPU without native bf16 matrix units.
+
+    Profiled (docs/inference.md): on an AVX2-only CPU (AMD EPYC, 2 threads) oneDNN reports no bf16 support, and
+    ``aten::addmm`` under bf16 autocast took 5.0 s against 0.67 s in fp32 for the same 128 texts (5.6x slower end to
+    end). Where ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is true (AVX512-BF16 or AMX) bf16 is the fast path."""
+    import torch
+
+    if precision == "bf16" and device.startswith("cpu") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(f"{setting} is bf16, but this CPU has no native bf16 matrix instructions (AVX512-BF16 or "
+                         "AMX), so PyTorch runs bf16 matmuls on a slow fallback (measured 5.6x slower than fp32); set "
+                         f"{setting}: fp32, and models.backend: onnx-int8 (or auto) for speed")
+
+
 class Encoder:
-    """Encodes texts to L2-normalised float32 vectors."""
+    """Encodes texts to L2-normalised float32 vectors, with PyTorch or an ONNX Runtime export of the same model
+    (``backend``: torch, onnx or onnx-int8; see assay.inference and :func:`open_encoder`)."""
 
     def __init__(self, model_name: str, device: str = "cpu", max_seq_length: int = 64,
-                 precision: str = "bf16", batch_size: int = 128):
+                 precision: str = "fp32", batch_size: int = 128, backend: str = "torch",
+                 artifacts: Path | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        check_bf16(precision, device, "mining.ann.precision")
         self.resolved = models.resolve(model_name)
         self.model = models.load_sentence_transformer(model_name, device=device)
         self.model.max_seq_length = max_seq_length
@@ -39,24 +56,86 @@ class Encoder:
         self.sha = models.model_sha(self.resolved)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
+        self.backend = backend
+        self.runner = None
+        self.guard: dict = {}
+        if backend != "torch":
+            if artifacts is None:
+                raise ValueError(f"backend {backend!r} needs an artifacts folder for its export")
+            from assay import inference
+
+            folder = inference.ensure_export(self.model, self.model.tokenizer, artifacts=artifacts, what="encoder",
+                                             source_sha=self.sha, backend=backend, output="sentence_embedding",
+                                             max_length=max_seq_length, setting="models.backend")
+            self.runner = inference.OnnxRunner(folder, self.model.tokenizer, max_seq_length)
 
     @property
     def cache_key(self) -> str:
-        return digest([self.sha, self.model.max_seq_length, self.precision, TEXT_TEMPLATE_VERSION])
+        # torch keeps its historical key, so existing caches stay valid; an export's vectors differ, so it adds its name
+        extra = [] if self.backend == "torch" else [self.backend]
+        return digest([self.sha, self.model.max_seq_length, self.precision, TEXT_TEMPLATE_VERSION] + extra)
 
     def encode(self, texts: list[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
-        import torch
-
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.runner is not None:
+            return _unit(self.runner(texts, self.batch_size))
+        return self.encode_torch(texts, progress)
+
+    def encode_torch(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """The PyTorch forward pass, whatever the backend (the accuracy guard's reference)."""
+        import torch
+
         ctx = (torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
                if self.precision == "bf16" else contextlib.nullcontext())
         with torch.inference_mode(), ctx:
             vecs = self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=progress,
                                      convert_to_numpy=False, convert_to_tensor=True, normalize_embeddings=False)
-        vecs = vecs.float().cpu().numpy()
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        return (vecs / np.maximum(norms, 1e-12)).astype(np.float32)
+        return _unit(vecs.float().cpu().numpy())
+
+
+def _unit(vecs: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    return (vecs / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def guard_sample(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """A seeded sample of at most ``n`` distinct texts: what the accuracy guard compares backends on."""
+    uniq = sorted(set(texts))
+    if len(uniq) <= n:
+        return uniq
+    pick = np.random.default_rng(seed).choice(len(uniq), n, replace=False)
+    return [uniq[i] for i in sorted(pick)]
+
+
+def open_encoder(model_name: str, models_cfg, artifacts: Path, sample_texts: list[str], *, max_seq_length: int = 64,
+                 precision: str = "fp32", batch_size: int = 128) -> Encoder:
+    """An :class:`Encoder` on ``models_cfg.backend``. An int8 export must keep the mean cosine of its embeddings to
+    the fp32 PyTorch ones, on a sample of ``sample_texts``, at ``models.guard_min_cosine`` or above; under
+    ``auto`` a failing int8 export is replaced by the fp32 one (logged, and recorded in ``encoder.guard``)."""
+    from assay import inference
+
+    sample = guard_sample(sample_texts, models_cfg.guard_sample)
+
+    def build(backend: str) -> Encoder:
+        return Encoder(model_name, device=models_cfg.device, max_seq_length=max_seq_length, precision=precision,
+                       batch_size=batch_size, backend=backend, artifacts=artifacts)
+
+    def measure(enc: Encoder) -> dict:
+        key = f"cosine-{inference.sample_digest(sample)}"
+        known = (inference.read_export(enc.runner.folder) or {}).get("guard", {}).get(key)
+        if known:
+            return known
+        result = inference.embedding_agreement(enc.encode_torch(sample), enc.encode(sample))
+        inference.record_guard(enc.runner.folder, key, result)
+        return result
+
+    limits = {"mean_cosine": ("min", models_cfg.guard_min_cosine, "models.guard_min_cosine")}
+    enc, backend, notes = inference.choose(inference.resolve(models_cfg.backend, models_cfg.device), build,
+                                           measure if sample else None, limits, f"encoder {model_name}",
+                                           "models.backend")
+    enc.guard = {"backend": backend, **notes}
+    return enc
 
 
 class EmbeddingCache:

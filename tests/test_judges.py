@@ -126,6 +126,40 @@ def test_cross_encoder_saves_loads_and_predicts(trained_ce, labeled):
     assert judge.predict([]).probs.shape == (0, 5)
 
 
+def test_cross_encoder_runs_on_onnx_within_the_accuracy_guard(trained_ce, labeled, tiny_workspace):
+    from assay.annotate.fit import choose_backend
+    from assay.annotate.judges.llm_classifier import LLMClassifierJudge
+    from assay.inference import BackendError, GuardFailed
+    from assay.store import Store
+
+    artifacts, _, _ = trained_ce
+    pairs, grades = _held_out(labeled)
+    judge = load_judge(CE_CFG, artifacts)
+    ref = judge.predict(pairs).probs
+    judge.use_backend("onnx", artifacts)
+    np.testing.assert_allclose(judge.predict(pairs).probs, ref, atol=1e-4)
+    assert judge.model_id.endswith("/onnx")
+    judge.use_backend("onnx-int8", artifacts)
+    q8 = judge.predict(pairs).probs
+    assert (q8.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert abs((q8.argmax(1) == grades).mean() - (ref.argmax(1) == grades).mean()) <= 0.03
+
+    cfg = CE_CFG.model_copy(update={"inference": "auto"})
+    with Store.open(tiny_workspace) as s:
+        j = load_judge(cfg, artifacts)
+        g = choose_backend(j, cfg, s)  # measured on the workspace's calib split
+        assert g["pairs"] > 0 and {"accuracy_fp32", "accuracy_backend", "accuracy_drop", "same_argmax"} <= set(g)
+        assert g["backend"] == j.backend == ("onnx-int8" if g["accuracy_drop"] <= cfg.guard_max_accuracy_drop
+                                             else "onnx")
+        if g["accuracy_drop"] > 0:
+            strict = cfg.model_copy(update={"inference": "onnx-int8", "guard_max_accuracy_drop": 0.0})
+            with pytest.raises(GuardFailed, match=r"accuracy_drop .*guard_max_accuracy_drop"):
+                choose_backend(load_judge(strict, artifacts), strict, s)
+        llm = JudgeConfig(name="llm", kind="llm_classifier", model="smollm2-135m", inference="onnx")
+        with pytest.raises(BackendError, match="runs on torch only"):
+            choose_backend(LLMClassifierJudge(llm, j.model, j.tokenizer, j.manifest), llm, s)
+
+
 def test_cross_encoder_beats_the_majority_class(trained_ce, labeled):
     _, judge, _ = trained_ce
     pairs, grades = _held_out(labeled)

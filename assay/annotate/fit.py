@@ -37,12 +37,68 @@ def prepare_judges(cfg: AnnotateConfig, store: Store) -> list:
     judges = []
     for j in cfg.judges:
         judge = load_judge(j, store.artifacts)
+        if hasattr(judge, "use_backend"):
+            judge.guard = choose_backend(judge, j, store)
+        elif j.inference not in ("auto", "torch"):
+            raise ValueError(f"judge {j.name!r} (kind {j.kind}) runs on torch only; set its inference to torch or auto")
         if hasattr(judge, "bind"):  # judges that read the workspace (the features judge)
             judge.bind(store)
         if getattr(j, "few_shot", 0) and hasattr(judge, "set_examples"):
             judge.set_examples(few_shot_examples(store, j.few_shot))
         judges.append(judge)
     return judges
+
+
+def choose_backend(judge, j, store: Store, max_pairs: int = 1000) -> dict:
+    """Put a classifier judge on its ``inference`` backend (assay.inference). An int8 export is used only when its
+    accuracy against the human grades of the calib split (the train split when there is no calib split; at most
+    ``max_pairs`` pairs, seeded) is within ``guard_max_accuracy_drop`` of the fp32 PyTorch model's; the measured
+    numbers are kept in the export's ``export.json`` and returned."""
+    from assay import inference
+    from assay.encode import check_bf16
+
+    check_bf16(j.precision, "cpu", f"judges[{j.name}].precision")
+    if not judge.exportable:
+        if j.inference not in ("auto", "torch"):
+            judge.use_backend(j.inference, store.artifacts)  # raises, naming the setting
+        return {"backend": "torch"}
+    pairs, grades = [], np.zeros(0, dtype=np.int64)
+    for split in ("calib", "train"):
+        try:
+            pairs, grades = human_pairs(store, split)
+        except ValueError:
+            continue
+        if len(pairs):
+            break
+    if len(pairs) > max_pairs:
+        keep = np.sort(np.random.default_rng(j.seed).choice(len(pairs), max_pairs, replace=False))
+        pairs, grades = [pairs[i] for i in keep], grades[keep]
+
+    def build(backend: str):
+        judge.use_backend(backend, store.artifacts)
+        return judge
+
+    def measure(jd) -> dict:
+        key = "accuracy-" + inference.sample_digest([f"{p.query_id}\x1e{p.item_id}" for p in pairs] +
+                                                    [str(g) for g in grades.tolist()])
+        known = (inference.read_export(jd.runner.folder) or {}).get("guard", {}).get(key)
+        if known:
+            return known
+        got = jd.predict(pairs).probs.argmax(1)
+        runner, jd.runner = jd.runner, None
+        ref = jd.predict(pairs).probs.argmax(1)
+        jd.runner = runner
+        acc, acc_ref = float((got == grades).mean()), float((ref == grades).mean())
+        result = {"accuracy_fp32": round(acc_ref, 4), "accuracy_backend": round(acc, 4),
+                  "accuracy_drop": round(acc_ref - acc, 4), "same_argmax": round(float((got == ref).mean()), 4),
+                  "pairs": len(pairs)}
+        inference.record_guard(jd.runner.folder, key, result)
+        return result
+
+    limits = {"accuracy_drop": ("max", j.guard_max_accuracy_drop, f"judges[{j.name}].guard_max_accuracy_drop")}
+    _, backend, notes = inference.choose(inference.resolve(j.inference, "cpu"), build, measure if pairs else None,
+                                         limits, f"judge {j.name!r}", f"judges[{j.name}].inference")
+    return {"backend": backend, **notes}
 
 
 def few_shot_examples(store: Store, n: int) -> list[dict]:

@@ -135,9 +135,11 @@ def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
 
 def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
              base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True,
-             hybrid: tuple[str, str] | None = None, qrels: Path | None = None) -> dict:
+             hybrid: tuple[str, str] | None = None, qrels: Path | None = None, backend_cfg=None) -> dict:
     """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder.
-    ``hybrid`` = (sparse system, dense system): also score their reciprocal-rank fusion as ``hybrid``."""
+    ``hybrid`` = (sparse system, dense system): also score their reciprocal-rank fusion as ``hybrid``.
+    ``backend_cfg`` (an AssayConfig): dense systems run on its ``models.backend``, as `assay export-index` would
+    serve them (the accuracy guard included); None = PyTorch."""
     from assay.mining.run import bm25_index, load_catalog
     from assay.trainer.model import TwoTower
 
@@ -158,9 +160,16 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
             else:
                 model = TwoTower.load(what, device=device)
                 sha = model.sha
+            guard = None
+            if backend_cfg is not None:
+                from assay.serving.index import open_backend
+
+                guard = open_backend(model, backend_cfg, store, catalog.texts)
             hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)
         ranked_of[name] = [catalog.item_ids[hits[r][hits[r] >= 0]].tolist() for r in range(len(qids))]
         results[name] = _score(ranked_of[name], qids, judged, source, segments, t0)
+        if what != "bm25" and guard is not None:
+            results[name]["backend"] = guard
         log.info("%s: NDCG@10 %.4f on %d %s queries", name, results[name]["all"]["ndcg@10"], len(qids), split)
     if hybrid and all(h in ranked_of for h in hybrid):
         t0 = time.perf_counter()

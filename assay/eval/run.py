@@ -40,7 +40,8 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
     with store.run("evaluate", {"split": split, "systems": systems, "qrels": qrels}) as run_id:
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
                        base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
-                       progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None)
+                       progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None,
+                       backend_cfg=cfg)
         res["run_id"] = run_id
         res["context"] = context(cfg, store)
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"

@@ -117,11 +117,13 @@ class _Lazy:
 
     def encoder(self):
         if self._encoder is None:
-            from assay.encode import Encoder
+            from assay.encode import open_encoder
 
             a = self.cfg.ann
-            self._encoder = Encoder(self.model_name, device=self.models_cfg.device, max_seq_length=a.max_seq_length,
-                                    precision=a.precision, batch_size=a.batch_size)
+            self._encoder = open_encoder(self.model_name, self.models_cfg, self.store.artifacts, self.catalog.texts,
+                                         max_seq_length=a.max_seq_length, precision=a.precision,
+                                         batch_size=a.batch_size)
+            self.stats["encoder"] = self._encoder.guard
         return self._encoder
 
     def item_vecs(self) -> np.ndarray:
@@ -215,7 +217,8 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
     catalog = load_catalog(store)
     queries = load_queries(store)
     lz = _Lazy(cfg, models_cfg, store, catalog, queries, progress)
-    enc_id = digest([lz.model_name, cfg.ann.max_seq_length, cfg.ann.precision]) if "ann" in cfg.channels or \
+    enc_id = digest([lz.model_name, cfg.ann.max_seq_length, cfg.ann.precision] +
+                    ([models_cfg.backend] if models_cfg.backend != "torch" else [])) if "ann" in cfg.channels or \
         cfg.click.neighbours != "lexical" else "-"
     cfg_json = cfg.model_dump(mode="json")
     run_key = digest([json.dumps({k: v for k, v in cfg_json.items() if k not in ("keep_channel_hits",)}, sort_keys=True),
@@ -223,7 +226,7 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
     n_batches = math.ceil(len(queries.query_ids) / cfg.batch_queries)
     timings: dict[str, float] = {}
     committed = 0
-    with store.run("mine", {"mining": cfg_json, "run_key": run_key},
+    with store.run("mine", {"mining": cfg_json, "run_key": run_key, "backend": models_cfg.backend},
                    models={"embedder": lz.model_name}) as run_id:
         done = {(c, int(b)) for c, b in store.exec(
             "SELECT channel, batch FROM mining_progress WHERE run_key = ?", [run_key])}

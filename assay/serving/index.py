@@ -66,16 +66,81 @@ def choose_factory(cfg: ServeConfig, n_items: int, dim: int) -> tuple[str, str]:
     return kind, cfg.ivfpq_factory.format(nlist=nlist, pq_m=pq_m)
 
 
+def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -> dict:
+    """Put ``model`` on ``models.backend`` (see assay.inference); returns what was chosen and measured.
+
+    An int8 export is compared with the fp32 PyTorch towers before use: the mean cosine of item and query
+    embeddings on a seeded sample of the catalog and of the workspace queries (``models.guard_min_cosine``), and,
+    when the curriculum's validation queries have labeled pairs, NDCG@10 re-ranking them (``models.guard_max_ndcg_drop``).
+    The result is stored in the export's ``export.json``, so later runs on the same sample reuse it."""
+    import torch
+
+    from assay import inference
+    from assay.encode import guard_sample
+
+    mc = cfg.models
+    n = mc.guard_sample
+    items = guard_sample(item_texts, n)
+    queries = guard_sample([r[0] for r in store.exec("SELECT text FROM queries")], n)
+
+    def build(backend: str):
+        model.use_backend(backend, store.artifacts)
+        return model
+
+    def measure(m) -> dict:
+        runners = m._runners
+        folder = runners["item"].folder
+        key = "twotower-" + inference.sample_digest(items + queries + [str(store.count("labels"))])
+        known = (inference.read_export(folder) or {}).get("guard", {}).get(key)
+        if known:
+            return known
+        with torch.inference_mode():
+            got = (m.encode_items(items).numpy(), m.encode_queries(queries).reshape(len(queries), -1).numpy())
+            val = _label_ndcg(m, cfg, store)
+            m._runners = {}
+            ref = (m.encode_items(items).numpy(), m.encode_queries(queries).reshape(len(queries), -1).numpy())
+            ref_val = _label_ndcg(m, cfg, store) if val is not None else None
+            m._runners = runners
+        it, qu = inference.embedding_agreement(ref[0], got[0]), inference.embedding_agreement(ref[1], got[1])
+        result = {"mean_cosine": min(it["mean_cosine"], qu["mean_cosine"]), "item_cosine": it["mean_cosine"],
+                  "query_cosine": qu["mean_cosine"], "n_items": it["n"], "n_queries": qu["n"]}
+        if val is not None:
+            result.update(ndcg_fp32=round(ref_val, 4), ndcg_backend=round(val, 4), ndcg_drop=round(ref_val - val, 4))
+        inference.record_guard(folder, key, result)
+        return result
+
+    limits = {"mean_cosine": ("min", mc.guard_min_cosine, "models.guard_min_cosine"),
+              "ndcg_drop": ("max", mc.guard_max_ndcg_drop, "models.guard_max_ndcg_drop")}
+    _, backend, notes = inference.choose(inference.resolve(mc.backend, mc.device), build,
+                                         measure if n else None, limits, "two-tower model", "models.backend")
+    return {"backend": backend, **notes}
+
+
+def _label_ndcg(model, cfg: AssayConfig, store: Store) -> float | None:
+    """Validation NDCG@10 on the curriculum's labeled validation pairs (None when there are none)."""
+    from assay.trainer import data as tdata
+    from assay.trainer.loop import validate
+
+    if store.count("examples") == 0:
+        return None
+    tc = cfg.train
+    data = tdata.load(store, val_max_queries=tc.val_max_queries, val_pool_per_query=tc.val_pool_per_query,
+                      random_pool=0, seed=tc.seed)
+    v = validate(model, data)
+    return None if v != v else float(v)
+
+
 def item_vectors(model, texts: list[str], artifacts: Path, chunk: int, progress: bool) -> np.ndarray:
-    """Item-tower vectors of ``texts``, cached per checkpoint sha (shared with `assay evaluate`)."""
+    """Item-tower vectors of ``texts``, cached per checkpoint sha and backend (shared with `assay evaluate`)."""
     import torch
     from tqdm.auto import tqdm
 
     from assay.encode import EmbeddingCache
     from assay.trainer.loop import encode_by_length
 
-    cache = EmbeddingCache(artifacts, digest(["twotower-items", model.sha, TEXT_TEMPLATE_VERSION,
-                                              model.item_max_length]))
+    backend = getattr(model, "backend", "torch")
+    cache = EmbeddingCache(artifacts, digest(["twotower-items", model.sha, TEXT_TEMPLATE_VERSION, model.item_max_length]
+                                             + ([backend] if backend != "torch" else [])))
     shas = text_shas(texts)
     vecs, found = cache.lookup(shas, model.dim)
     miss = np.flatnonzero(~found)
@@ -152,8 +217,10 @@ def export(cfg: AssayConfig, store: Store, *, checkpoint: str | None = None, pro
     path = checkpoint or sc.checkpoint or newest_checkpoint(store)
     model = TwoTower.load(path, device=cfg.models.device)
     catalog = load_catalog(store)
-    with store.run("export-index", {"serve": sc.model_dump(mode="json"), "checkpoint": str(path)},
+    with store.run("export-index", {"serve": sc.model_dump(mode="json"), "checkpoint": str(path),
+                                    "models": cfg.models.model_dump(mode="json")},
                    models={"two_tower": model.sha}) as run_id:
+        guard = open_backend(model, cfg, store, catalog.texts)
         t0 = time.perf_counter()
         vecs = item_vectors(model, catalog.texts, store.artifacts, sc.encode_chunk, progress)
         encode_s = time.perf_counter() - t0
@@ -175,7 +242,8 @@ def export(cfg: AssayConfig, store: Store, *, checkpoint: str | None = None, pro
         manifest = {
             "format": "assay-index/1", "index_id": index_id, "checkpoint_path": str(Path(path).resolve()),
             "checkpoint_sha": model.sha, "text_template": TEXT_TEMPLATE_VERSION, "dim": int(vecs.shape[1]),
-            "heads": model.heads, "beta": model.beta, "metric": "inner_product", "kind": kind, "factory": factory,
+            "heads": model.heads, "beta": model.beta, "backend": guard["backend"], "guard": guard,
+            "metric": "inner_product", "kind": kind, "factory": factory,
             "params": {"ef_search": sc.ef_search, "ef_construction": sc.ef_construction, "nprobe": sc.nprobe},
             "n_items": len(vecs), "catalog_sha": catalog.sha, f"recall@{RECALL_K}": recall["recall"],
             "recall_queries": recall["queries"], "encode_seconds": round(encode_s, 2),
@@ -246,6 +314,8 @@ class Served:
             raise ValueError(f"index {self.manifest['index_id']} was built for checkpoint sha "
                              f"{self.manifest['checkpoint_sha']}, but {self.manifest['checkpoint_path']} now holds "
                              f"{self.model.sha}; run `assay export-index` for this checkpoint")
+        # the query tower runs where the item vectors were made (the guard was passed at export time)
+        self.model.use_backend(self.manifest.get("backend", "torch"), store.artifacts)
         if self.manifest.get("text_template") != TEXT_TEMPLATE_VERSION:
             raise ValueError(f"index {self.manifest['index_id']} renders items as {self.manifest.get('text_template')!r}"
                              f", this assay as {TEXT_TEMPLATE_VERSION!r}; run `assay export-index` again")

@@ -80,6 +80,8 @@ class TwoTower(nn.Module):
         self.query_max_length = int(info["query_max_length"])
         self.item_max_length = int(info["item_max_length"])
         self.sha: str | None = None  # set by save() / load()
+        self.backend = "torch"
+        self._runners: dict = {}  # "query"/"item" -> assay.inference.OnnxRunner, set by use_backend()
 
     # ------------------------------------------------------------------ build / save / load
     @classmethod
@@ -152,6 +154,29 @@ class TwoTower(nn.Module):
         model.sha = info.get("sha") or checkpoint_sha(path)
         return model
 
+    # ------------------------------------------------------------------ inference backend
+    @property
+    def source_sha(self) -> str:
+        """What an export of these towers is keyed by: the checkpoint sha, or for an untrained model from
+        ``from_base`` its base weights and settings."""
+        return self.sha or digest(["base", json.dumps(self.info, sort_keys=True, default=str)])
+
+    def use_backend(self, backend: str, artifacts: str | Path) -> None:
+        """Run ``encode_queries``/``encode_items`` on text lists through an ONNX Runtime export of each tower
+        (``onnx`` or ``onnx-int8``, built once under ``artifacts/onnx/``), or on PyTorch again (``torch``).
+        Tokenized inputs (training) always take the PyTorch path."""
+        from assay import inference
+
+        self._runners = {}
+        if backend != "torch":
+            for name, tower, L in (("query", self.query_tower, self.query_max_length),
+                                   ("item", self.item_tower, self.item_max_length)):
+                folder = inference.ensure_export(tower, tower.tokenizer, artifacts=Path(artifacts),
+                                                 what=f"twotower-{name}", source_sha=self.source_sha, backend=backend,
+                                                 output="sentence_embedding", max_length=L, setting="models.backend")
+                self._runners[name] = inference.OnnxRunner(folder, tower.tokenizer, L)
+        self.backend = backend
+
     # ------------------------------------------------------------------ encode / score
     @property
     def device(self) -> torch.device:
@@ -163,13 +188,18 @@ class TwoTower(nn.Module):
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def encode_queries(self, texts: list[str] | dict) -> torch.Tensor:
-        feats = texts if isinstance(texts, dict) else self.tokenize(texts, self.query_max_length)
-        emb = self.query_tower(dict(feats))["sentence_embedding"]
+        if self._runners and not isinstance(texts, dict):
+            emb = torch.from_numpy(self._runners["query"](texts, 128))
+        else:
+            feats = texts if isinstance(texts, dict) else self.tokenize(texts, self.query_max_length)
+            emb = self.query_tower(dict(feats))["sentence_embedding"]
         if self.heads > 1:
             emb = nn.functional.normalize(emb.view(emb.shape[0], self.heads, self.dim), dim=-1)
         return emb
 
     def encode_items(self, texts: list[str] | dict) -> torch.Tensor:
+        if self._runners and not isinstance(texts, dict):
+            return torch.from_numpy(self._runners["item"](texts, 128))
         feats = texts if isinstance(texts, dict) else self.tokenize(texts, self.item_max_length)
         return self.item_tower(dict(feats))["sentence_embedding"]
 

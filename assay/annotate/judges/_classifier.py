@@ -217,12 +217,12 @@ def cap_train_pairs(cfg, pairs: Sequence[Pair], grades: np.ndarray) -> tuple[lis
 @torch.inference_mode()
 def predict_probs(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int,
                   precision: str = "fp32", keep_tail: int = 0, progress: bool = False,
-                  desc: str = "classify") -> tuple[np.ndarray, np.ndarray]:
+                  desc: str = "classify", runner=None) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (n, 5) float32 and per-pair latency in ms (batch time / batch size).
 
     Batches are formed over pairs sorted by token length (less padding); the output follows the
     input order. ``precision='bf16'`` runs the forward pass under bf16 autocast; the softmax is
-    taken in fp32.
+    taken in fp32. ``runner`` (an assay.inference.OnnxRunner) runs the same batches through ONNX Runtime.
     """
     n = len(texts)
     probs = np.zeros((n, N_GRADES), dtype=np.float32)
@@ -238,9 +238,12 @@ def predict_probs(model, tokenizer, texts: Sequence[str], *, max_length: int, ba
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         idx = order[start:start + batch_size]
         t0 = time.perf_counter()
-        batch = {k: v.to(dev) for k, v in collate([ids[i] for i in idx], pad_id).items()}
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**batch).logits
+        batch = collate([ids[i] for i in idx], pad_id)
+        if runner is not None:
+            logits = torch.from_numpy(runner.run_tokens(batch))
+        else:
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**{k: v.to(dev) for k, v in batch.items()}).logits
         probs[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         latency[idx] = (time.perf_counter() - t0) * 1000.0 / len(idx)
     return probs, latency
@@ -292,6 +295,7 @@ class ClassifierJudge:
     """
 
     kind: str = ""
+    exportable: bool = False  # can run through ONNX Runtime (assay.inference)
     default_lr: float = 5e-5
     keep_tail: int = 0
     extra_train_fields: tuple[str, ...] = ()
@@ -304,6 +308,29 @@ class ClassifierJudge:
         self.name: str = cfg.name
         self.prompt_sha: str = manifest["template_sha"]
         self.model_id: str = f"{cfg.model}+{cfg.name}@{manifest['weights_sha']}"
+        self.backend = "torch"
+        self.runner = None
+        self.guard: dict = {}
+
+    def use_backend(self, backend: str, artifacts: Path) -> None:
+        """Predict through an ONNX Runtime export of the model (``onnx`` or ``onnx-int8``, built once under
+        ``artifacts/onnx/``), or on PyTorch (``torch``). The label's model id names a non-torch backend."""
+        from assay import inference
+
+        setting = f"the inference of judge {self.name!r}"
+        if backend != "torch" and not self.exportable:
+            raise inference.BackendError(f"judge {self.name!r} (kind {self.kind}) runs on torch only; set its "
+                                         "inference to torch or auto")
+        self.runner = None
+        if backend != "torch":
+            folder = inference.ensure_export(self.model, self.tokenizer, artifacts=Path(artifacts),
+                                             what=f"judge-{self.name}", source_sha=self.manifest["weights_sha"],
+                                             backend=backend, output="logits", max_length=self.cfg.max_length,
+                                             setting=setting)
+            self.runner = inference.OnnxRunner(folder, self.tokenizer, self.cfg.max_length)
+        self.backend = backend
+        base = self.model_id.split("/")[0]
+        self.model_id = base if backend == "torch" else f"{base}/{backend}"
 
     # -- what a kind provides -----------------------------------------------------------------
 
@@ -448,11 +475,18 @@ class ClassifierJudge:
         manifest = {"kind": cls.kind, "template_sha": template_sha(cfg.template_name), "weights_sha": "untrained"}
         return cls(cfg, model, tokenizer, manifest)
 
+    def predict_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Grade probabilities (n, 5) of already rendered input texts (benchmarks)."""
+        return predict_probs(self.model, self.tokenizer, texts, max_length=self.cfg.max_length,
+                             batch_size=self.cfg.batch_size, precision=self.cfg.precision, keep_tail=self.keep_tail,
+                             runner=self.runner)[0]
+
     def predict(self, pairs: Sequence[Pair], progress: bool = False) -> JudgeOutput:
         texts = render_inputs(self.cfg.template_name, pairs)
         probs, latency = predict_probs(self.model, self.tokenizer, texts, max_length=self.cfg.max_length,
                                        batch_size=self.cfg.batch_size, precision=self.cfg.precision,
-                                       keep_tail=self.keep_tail, progress=progress, desc=f"judge {self.name}")
+                                       keep_tail=self.keep_tail, progress=progress, desc=f"judge {self.name}",
+                                       runner=self.runner)
         return JudgeOutput(probs=probs, raw=[None] * len(texts), parse_status=[OK] * len(texts), latency_ms=latency)
 
     def __repr__(self) -> str:

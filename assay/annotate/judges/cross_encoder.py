@@ -30,6 +30,7 @@ def _label_maps() -> dict:
 
 class CrossEncoderJudge(ClassifierJudge):
     kind = "cross_encoder"
+    exportable = True
     default_lr = 2e-4
     keep_tail = 0
 
