@@ -61,14 +61,17 @@ def copy_ws(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def mined_master(tiny_workspace_master, tmp_path_factory):
-    """The tiny workspace after `assay mine` (k=100), built once: (workspace, mining summary)."""
+    """The tiny workspace after `assay mine` (k=100), built once: (workspace, mining summary). It mines with the
+    PyTorch encoder, so the candidates (and the labels, tiers and validation pools built on them downstream) stay
+    the data those tests were written against; the default ONNX int8 path is exercised by test_mining's own runs,
+    test_inference and the main job in test_pipeline."""
     from assay.config import MiningConfig, ModelsConfig
     from assay.mining import run as mine
     from assay.store import Store
 
     ws = copy_ws(tiny_workspace_master, tmp_path_factory.mktemp("mined") / "ws")
     with Store.open(ws) as store:
-        summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(), progress=False)
+        summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(backend="torch"), progress=False)
     return ws, summary
 
 

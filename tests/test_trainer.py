@@ -29,6 +29,7 @@ TINY = {
         {"pos_tiers": [1, 2], "neg_tiers": [4], "loss": "triplet", "steps": 4, "learning_rate": 5e-5},
     ],
 }
+TORCH = ModelsConfig(backend="torch")  # tests of the training loop need no ONNX export of their checkpoints
 TINY_SET = [f"train.{k}={json.dumps(v)}" for k, v in TINY.items()]
 
 
@@ -107,7 +108,7 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
     from assay.trainer import run as run_train
 
     with Store.open(curriculum_ws) as store:
-        s = run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+        s = run_train(tiny_cfg(), store, ModelsConfig(), progress=False)  # default backend: kept checkpoints exported
         rows = store.query("SELECT * FROM checkpoints ORDER BY stage").to_pylist()
     assert list(s["phases"]) == ["stage1", "stage2", "stage3"]
     prev = s["base_val_ndcg10"]
@@ -116,6 +117,9 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
         assert len(p["history"]) == 2 and p["steps"] == 4
         if p["improved"]:
             assert p["best_val"] > p["start_val"] and Path(p["checkpoint"], "twotower.json").exists()
+            sha = json.loads(Path(p["checkpoint"], "twotower.json").read_text())["sha"]
+            assert p["exports"] == "onnx-int8"
+            assert (curriculum_ws / "artifacts" / "onnx" / f"twotower-query-{sha[:16]}-onnx-int8" / "model.onnx").exists()
             prev = p["best_val"]
     kept = [r for r in rows if r["kept"]]
     assert len(kept) == sum(p["improved"] for p in s["phases"].values())
@@ -130,7 +134,7 @@ def test_stage_without_gain_is_skipped_and_next_starts_from_previous_best(curric
     stages = [dict(s) for s in TINY["stages"]]
     stages[1]["learning_rate"] = 1e-12  # stage 2 cannot move the weights: no validation gain
     with Store.open(curriculum_ws) as store:
-        s = run_train(tiny_cfg(stages=stages), store, ModelsConfig(), progress=False)
+        s = run_train(tiny_cfg(stages=stages), store, TORCH, progress=False)
     p1, p2, p3 = (s["phases"][f"stage{k}"] for k in (1, 2, 3))
     assert not p2["improved"] and "stage 1+2" in s["skipped_stages"]
     best_before_3 = p1["best_val"] if p1["improved"] else s["base_val_ndcg10"]
@@ -142,7 +146,7 @@ def test_stage_before_its_predecessor_is_refused(curriculum_ws):
 
     with Store.open(curriculum_ws) as store:
         with pytest.raises(ValueError, match=r"assay train --stage 1"):
-            run_train(tiny_cfg(), store, ModelsConfig(), stage=2, progress=False)
+            run_train(tiny_cfg(), store, TORCH, stage=2, progress=False)
         assert store.count("checkpoints") == 0
 
 
@@ -151,17 +155,17 @@ def test_bad_input_names_the_missing_step(curriculum_ws, tiny_workspace):
 
     with Store.open(tiny_workspace) as store:
         with pytest.raises(ValueError, match="assay curriculum"):
-            run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+            run_train(tiny_cfg(), store, TORCH, progress=False)
     with Store.open(curriculum_ws) as store:
         with pytest.raises(KeyError, match="Available"):
-            run_train(tiny_cfg(), store, ModelsConfig(), baseline="nope", progress=False)
+            run_train(tiny_cfg(), store, TORCH, baseline="nope", progress=False)
         # a stage whose tiers hold no train example
         store.exec("DELETE FROM examples WHERE tier = 4")
         with pytest.raises(ValueError, match=r"tiers \[1, 2\] and \[4\]"):
-            run_train(tiny_cfg(), store, ModelsConfig(), progress=False)
+            run_train(tiny_cfg(), store, TORCH, progress=False)
         store.exec("DELETE FROM engagement")
         with pytest.raises(ValueError, match="engagement"):
-            run_train(tiny_cfg(), store, ModelsConfig(), baseline="click", progress=False)
+            run_train(tiny_cfg(), store, TORCH, baseline="click", progress=False)
         n_ex = store.count("examples")
     with Store.open(curriculum_ws, read_only=True) as store:
         assert store.count("examples") == n_ex and store.count("checkpoints") == 0
@@ -171,7 +175,7 @@ def test_baselines_share_the_step_budget(curriculum_ws):
     from assay.trainer import run as run_train
 
     with Store.open(curriculum_ws) as store:
-        out = {b: run_train(tiny_cfg(), store, ModelsConfig(), baseline=b, progress=False) for b in
+        out = {b: run_train(tiny_cfg(), store, TORCH, baseline=b, progress=False) for b in
                ("click", "binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():

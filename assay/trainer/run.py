@@ -103,11 +103,24 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
             for p in phases:
                 if p.get("checkpoint"):
                     _record_checkpoint(store, p, run_id)
+                    p["exports"] = export_checkpoint(p["checkpoint"], models_cfg, root)
             summary.update(ablation(folder, base_val, cfg))
             summary["report"] = str(write_train_report(root / "reports" / f"train-{utcnow():%Y%m%dT%H%M%S}",
                                                        summary, folder))
             store.finish_run(run_id, summary)
     return summary
+
+
+def export_checkpoint(path: str, models_cfg: ModelsConfig, artifacts: Path) -> str:
+    """Export a kept checkpoint's towers for the first ONNX backend ``models.backend`` names (training stays on
+    PyTorch), so export-index, evaluate and serve find them built; returns that backend, or "torch" when the
+    setting needs no export. The accuracy guard runs where the export is first used (assay.serving.index)."""
+    from assay import inference
+
+    backend = inference.resolve(models_cfg.backend, models_cfg.device)[0]
+    if backend != "torch":
+        TwoTower.load(path).use_backend(backend, artifacts)
+    return backend
 
 
 class _NoRun:
