@@ -96,10 +96,11 @@ def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -
             return known
         with torch.inference_mode():
             got = (m.encode_items(items).numpy(), m.encode_queries(queries).reshape(len(queries), -1).numpy())
-            val = _label_ndcg(m, cfg, store)
+            data = _val_data(cfg, store)  # loaded once, scored with both backends
+            val = _validate(m, data)
             m._runners = {}
             ref = (m.encode_items(items).numpy(), m.encode_queries(queries).reshape(len(queries), -1).numpy())
-            ref_val = _label_ndcg(m, cfg, store) if val is not None else None
+            ref_val = _validate(m, data)
             m._runners = runners
         it, qu = inference.embedding_agreement(ref[0], got[0]), inference.embedding_agreement(ref[1], got[1])
         result = {"mean_cosine": min(it["mean_cosine"], qu["mean_cosine"]), "item_cosine": it["mean_cosine"],
@@ -116,16 +117,23 @@ def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -
     return {"backend": backend, **notes}
 
 
-def _label_ndcg(model, cfg: AssayConfig, store: Store) -> float | None:
-    """Validation NDCG@10 on the curriculum's labeled validation pairs (None when there are none)."""
+def _val_data(cfg: AssayConfig, store: Store):
+    """The curriculum's labeled validation pairs (None when the workspace has no examples)."""
     from assay.trainer import data as tdata
-    from assay.trainer.loop import validate
 
     if store.count("examples") == 0:
         return None
     tc = cfg.train
-    data = tdata.load(store, val_max_queries=tc.val_max_queries, val_pool_per_query=tc.val_pool_per_query,
+    return tdata.load(store, val_max_queries=tc.val_max_queries, val_pool_per_query=tc.val_pool_per_query,
                       random_pool=0, seed=tc.seed)
+
+
+def _validate(model, data) -> float | None:
+    """Validation NDCG@10 re-ranking those pairs (None without data or pairs)."""
+    from assay.trainer.loop import validate
+
+    if data is None:
+        return None
     v = validate(model, data)
     return None if v != v else float(v)
 
