@@ -73,14 +73,15 @@ def test_negatives_are_outside_candidates_and_in_band(mined):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(mined, tiny_workspace):
-    ws_full, _ = mined
+    ws_full, _ = mined  # mined on the torch backend (conftest), so the comparison run uses it too
+    torch_models = ModelsConfig(backend="torch")
     with Store.open(tiny_workspace) as s:
         with pytest.raises(Interrupted):
-            mine(MiningConfig(**FAST), s, ModelsConfig(), progress=False, stop_after_batches=3)
+            mine(MiningConfig(**FAST), s, torch_models, progress=False, stop_after_batches=3)
         assert s.count("mining_progress") == 3
         assert s.count("candidates") == 0
         assert s.scalar("SELECT status FROM runs WHERE stage = 'mine'") == "failed"
-        summary = mine(MiningConfig(**FAST), s, ModelsConfig(), progress=False)
+        summary = mine(MiningConfig(**FAST), s, torch_models, progress=False)
         assert summary["resumed_batches"] == 3
         got = s.query("SELECT query_id, item_id, rank_bm25, rank_ann, rank_click, prior FROM candidates ORDER BY 1, 2")
     with Store.open(ws_full, read_only=True) as s:
@@ -92,8 +93,14 @@ def test_embedding_cache_skips_unchanged_items(mined):
     ws, first = mined
     with Store.open(ws) as s:
         n = s.count("products")
+        # The fixture encoded on torch; the default backend (ONNX) is a different encoder, so the cache key differs
+        # and everything is encoded once, then reused.
+        onnx = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        assert onnx["item_embeddings"]["encoded"] == n
         again = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
         assert again["item_embeddings"]["encoded"] == 0 and again["item_embeddings"]["cached"] == n
+        back = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(backend="torch"), progress=False)
+        assert back["item_embeddings"]["encoded"] == 0 and back["item_embeddings"]["cached"] == n
         s.exec("UPDATE products SET title = title || ' (renamed)' WHERE item_id = (SELECT min(item_id) FROM products)")
         third = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
         assert third["item_embeddings"]["encoded"] == 1
