@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +14,6 @@ from assay.config import MiningConfig, ModelsConfig
 from assay.mining import clicks as click_mod
 from assay.mining import run as mine
 from assay.mining.bm25 import BM25Index
-from assay.mining.run import Interrupted
 from assay.store import Store
 
 from conftest import MINING_FAST as FAST
@@ -72,21 +75,49 @@ def test_negatives_are_outside_candidates_and_in_band(mined):
         assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM negatives GROUP BY 1, 2 HAVING count(*) > 1)") == 0
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(mined, tiny_workspace):
-    ws_full, _ = mined  # mined on the torch backend (conftest), so the comparison run uses it too
-    torch_models = ModelsConfig(backend="torch")
+KILLER = textwrap.dedent("""
+    import importlib, os, signal, sys
+    from assay.config import MiningConfig, ModelsConfig
+    from assay.store import Store
+    mining = importlib.import_module("assay.mining.run")
+    orig = mining._write_batch
+    calls = {"n": 0}
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:   # the fourth batch is searched but never committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(*a, **k)
+    mining._write_batch = wrapped
+    with Store.open(sys.argv[1]) as s:
+        mining.run(MiningConfig.model_validate_json(sys.argv[2]), s, ModelsConfig(backend="torch"), progress=False)
+""")
+
+
+def test_kill9_mid_mining_resumes_to_the_uninterrupted_result(mined, tiny_workspace):
+    """`kill -9` between two batch commits, then a re-run: the committed batches are kept, the rest are mined,
+    and candidates and negatives equal those of an uninterrupted run (the fixture, also on torch)."""
+    ws_full, full = mined
+    cfg = MiningConfig(**FAST)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_workspace), cfg.model_dump_json()],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     with Store.open(tiny_workspace) as s:
-        with pytest.raises(Interrupted):
-            mine(MiningConfig(**FAST), s, torch_models, progress=False, stop_after_batches=3)
         assert s.count("mining_progress") == 3
         assert s.count("candidates") == 0
-        assert s.scalar("SELECT status FROM runs WHERE stage = 'mine'") == "failed"
-        summary = mine(MiningConfig(**FAST), s, torch_models, progress=False)
+        assert s.scalar("SELECT status FROM runs WHERE stage = 'mine'") == "interrupted"
+        summary = mine(cfg, s, ModelsConfig(backend="torch"), progress=False)
         assert summary["resumed_batches"] == 3
-        got = s.query("SELECT query_id, item_id, rank_bm25, rank_ann, rank_click, prior FROM candidates ORDER BY 1, 2")
+        assert (summary["candidates"], summary["negatives"]) == (full["candidates"], full["negatives"])
+        cols = "query_id, item_id, rank_bm25, rank_ann, rank_click, prior"
+        got = s.query(f"SELECT {cols} FROM candidates ORDER BY 1, 2")
+        got_neg = s.query("SELECT * EXCLUDE (run_id) FROM negatives ORDER BY ALL")
+        assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM candidates GROUP BY 1, 2 "
+                        "HAVING count(*) > 1)") == 0
     with Store.open(ws_full, read_only=True) as s:
-        want = s.query("SELECT query_id, item_id, rank_bm25, rank_ann, rank_click, prior FROM candidates ORDER BY 1, 2")
+        want = s.query(f"SELECT {cols} FROM candidates ORDER BY 1, 2")
+        want_neg = s.query("SELECT * EXCLUDE (run_id) FROM negatives ORDER BY ALL")
     assert got.equals(want)
+    assert got_neg.equals(want_neg)
 
 
 def test_embedding_cache_skips_unchanged_items(mined):

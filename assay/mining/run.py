@@ -36,10 +36,6 @@ from assay.text import digest, item_texts, text_shas
 log = logging.getLogger(__name__)
 
 
-class Interrupted(RuntimeError):
-    """Raised by the test hook `stop_after_batches` to simulate an interrupt."""
-
-
 @dataclass
 class Catalog:
     item_ids: np.ndarray  # object array of str, sorted
@@ -209,10 +205,9 @@ SEARCHERS: dict[str, Callable[[_Lazy], Callable[[np.ndarray], Hits]]] = {
 }
 
 
-def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None, *, progress: bool = True,
-        stop_after_batches: int | None = None) -> dict:
-    """Mine candidates and negatives. `stop_after_batches` (tests) raises Interrupted after that
-    many batches have been committed in this call."""
+def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None, *, progress: bool = True) -> dict:
+    """Mine candidates and negatives. Each channel batch commits on its own, so a run that is cut off (even by
+    `kill -9`) resumes from its last committed batch."""
     models_cfg = models_cfg or ModelsConfig()
     catalog = load_catalog(store)
     queries = load_queries(store)
@@ -225,7 +220,6 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
                       enc_id, catalog.sha, queries.sha])
     n_batches = math.ceil(len(queries.query_ids) / cfg.batch_queries)
     timings: dict[str, float] = {}
-    committed = 0
     with store.run("mine", {"mining": cfg_json, "run_key": run_key, "backend": models_cfg.backend},
                    models={"embedder": lz.model_name}) as run_id:
         done = {(c, int(b)) for c, b in store.exec(
@@ -248,10 +242,7 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
                 hits = searcher(qidx)
                 _write_batch(store, run_key, channel, b, [queries.query_ids[i] for i in qidx], hits,
                              catalog.item_ids, run_id)
-                committed += 1
                 bar.update(1)
-                if stop_after_batches is not None and committed >= stop_after_batches:
-                    raise Interrupted(f"stopped after {committed} batches (test hook)")
             bar.close()
             secs = time.perf_counter() - t0
             timings[f"{channel}_search_s"] = round(secs, 2)
