@@ -296,6 +296,24 @@ LABEL_REQUESTS = _t(
     doc="Mined pairs sent to people for grading (`assay label-request`); their answers land in human_labels.",
 )
 
+AUDIT_SAMPLES = _t(
+    "audit_samples",
+    [
+        ("query_id", "VARCHAR NOT NULL"),
+        ("item_id", "VARCHAR NOT NULL"),
+        ("stratum", "VARCHAR"),  # tier x grade x decided_by
+        ("low_confidence", "BOOLEAN"),  # drawn `audit.oversample` times as often inside its stratum
+        ("inclusion", "DOUBLE"),  # the pair's probability of being drawn
+        ("design_weight", "DOUBLE"),  # 1 / inclusion: how many labels of the population the pair stands for
+        ("cascade_sha", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    key=("query_id", "item_id"),
+    doc="Pairs drawn by `assay audit sample` with their design weights (newest draw per pair), so that audit "
+        "grades are read back as the population they were sampled from (agreement, `calibrate --from-audit`).",
+)
+
 # ---- curriculum / training / serving ------------------------------------------
 EXAMPLES = _t(
     "examples",
@@ -351,8 +369,8 @@ ALL_TABLES: dict[str, TableSchema] = {
     t.name: t
     for t in [
         PRODUCTS, QUERIES, ENGAGEMENT, HUMAN_LABELS, REJECTS, RUNS, META, TRUTH_ITEMS, TRUTH_QUERIES,
-        CANDIDATES, NEGATIVES, MINING_PROGRESS, CHANNEL_HITS, LABELS, LABEL_VOTES, LABEL_REQUESTS, EXAMPLES,
-        CHECKPOINTS, INDEXES,
+        CANDIDATES, NEGATIVES, MINING_PROGRESS, CHANNEL_HITS, LABELS, LABEL_VOTES, LABEL_REQUESTS, AUDIT_SAMPLES,
+        EXAMPLES, CHECKPOINTS, INDEXES,
     ]
 }
 

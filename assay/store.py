@@ -97,6 +97,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
     )),
     Migration(7, "label requests", ("label_requests",)),
+    Migration(8, "audit samples and their design weights", ("audit_samples",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

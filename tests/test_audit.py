@@ -144,6 +144,15 @@ def test_audit_sample_is_stratified_and_oversamples_low_confidence(audit_master,
         assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text() and again["rows"] == r["rows"]
 
 
+def test_inclusion_probabilities_by_hand():
+    assert loop.inclusion_probabilities(np.ones(10), 3) == pytest.approx([0.3] * 10)
+    # one unit heavy enough to be certain: it is capped at 1 and the other draw is shared by the rest
+    assert loop.inclusion_probabilities(np.array([1, 1, 1, 1, 20.0]), 2) == pytest.approx([0.25] * 4 + [1.0])
+    assert loop.inclusion_probabilities(np.array([1.0, 3.0]), 5) == pytest.approx([1.0, 1.0])
+    pi = loop.inclusion_probabilities(np.array([1, 1, 4, 4, 4.0]), 2)
+    assert pi.sum() == pytest.approx(2) and pi[2] == pytest.approx(4 * pi[0])
+
+
 def test_audit_round_trip_csv_jsonl_and_labelstudio(audit_master, tmp_path):
     from assay.annotate.fit import calibration_pairs
     from assay.data.judgments import load_oracle
@@ -179,9 +188,29 @@ def test_audit_round_trip_csv_jsonl_and_labelstudio(audit_master, tmp_path):
         assert a["judges"]["features"]["accuracy"] == pytest.approx(a["cascade"]["accuracy"], abs=1e-4)
         assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "confusion_cascade.png").exists()
         # calibration with audit grades: calib pairs plus the audited ones (audit wins on a shared pair)
-        calib, _, n0 = calibration_pairs(s, "all", False)
-        both, y, n_audit = calibration_pairs(s, "all", True)
+        calib, _, w0, n0 = calibration_pairs(s, "all", False)
+        both, y, w, n_audit = calibration_pairs(s, "all", True)
         assert n0 == 0 and n_audit == a["pairs"] and len(calib) < len(both) <= len(calib) + n_audit
+        # audited pairs weigh their design weight (mean 1); calib pairs weigh 1; a low-confidence pair, drawn more
+        # often, stands for fewer labels than a pair of its stratum that was not oversampled
+        assert (w0 == 1).all() and (w[:len(both) - n_audit] == 1).all()
+        a_w = w[len(both) - n_audit:]
+        assert a_w.mean() == pytest.approx(1.0) and a_w.std() > 0
+        drawn = {(x["query_id"], x["item_id"]): x for x in rows}
+        by_pair = {(p.query_id, p.item_id): v for p, v in zip(both[len(both) - n_audit:], a_w)}
+        for stratum in {x["stratum"] for x in rows}:
+            lo = [by_pair[k] for k, x in drawn.items() if k in by_pair and x["stratum"] == stratum
+                  and x["low_confidence"] == "True"]
+            hi = [by_pair[k] for k, x in drawn.items() if k in by_pair and x["stratum"] == stratum
+                  and x["low_confidence"] == "False"]
+            if lo and hi:
+                assert max(lo) < min(hi)
+        # the sample's design weights read it back as the population: a weighted accuracy beside the plain one
+        pop = a["cascade_population"]
+        assert pop["n"] == a["pairs"] and pop["unweighted_pairs"] == 0
+        dw = np.array([float(drawn[p]["design_weight"]) for p, _ in pairs])
+        hit = np.array([lab[p] == t for p, t in pairs])
+        assert pop["accuracy"] == pytest.approx(float(np.average(hit, weights=dw)), abs=1e-4)
         # Label Studio: the sample as tasks, annotated and exported back
         loop.sample(AuditConfig(n=50, seed=5), ExportConfig(), s, tmp_path / "t.json", progress=False)
         tasks = json.loads((tmp_path / "t.json").read_text())

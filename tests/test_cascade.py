@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from assay.annotate.cascade import NEVER, VOTE, fit_cascade, fit_thresholds, route, vote
+from assay.annotate.cascade import NEVER, VOTE, agreement_score, fit_cascade, fit_thresholds, route, vote
 
 NAN = [np.nan] * 5
 
@@ -63,6 +64,19 @@ def test_fit_thresholds_reaches_target_precision_and_never_when_impossible():
     # a judge that is right only half the time never reaches 0.95
     th2 = fit_thresholds(P(*([[0.9, 0.1, 0, 0, 0]] * 40)), np.array([0, 1] * 20), target=0.95)
     assert th2[0] == NEVER
+
+
+def test_sampling_weights_change_precision_and_agreement_by_hand():
+    probs = P(*[[c, 1 - c, 0, 0, 0] for c in (0.9, 0.8, 0.7, 0.6)])
+    y = np.array([0, 1, 0, 0])
+    # unweighted precision down the ranking: 1, 1/2, 2/3, 3/4 -> the lowest cut reaching 0.7 accepts all four
+    assert fit_thresholds(probs, y, target=0.7, min_support=1)[0] == pytest.approx(0.6)
+    # the wrong pair stands for ten: 1, 1/11, 2/12, 3/13 -> only the first pair is accepted
+    assert fit_thresholds(probs, y, target=0.7, min_support=1, weight=np.array([1, 10, 1, 1.0]))[0] == \
+        pytest.approx(0.9)
+    pred, human = np.array([0, 1, 2]), np.array([0, 0, 2])
+    assert agreement_score(pred, human) == pytest.approx(2 / 3)
+    assert agreement_score(pred, human, weight=np.array([1, 2, 1.0])) == pytest.approx(0.5)
 
 
 def calibrated_judge(rng, y, lo, hi):

@@ -70,8 +70,9 @@ class IsotonicCalibrator:
     def fitted(self) -> bool:
         return self.x_ is not None
 
-    def fit(self, probs, grades) -> "IsotonicCalibrator":
-        """Fit on held-out probabilities (n, 5) and human grades (n,); NaN rows are ignored."""
+    def fit(self, probs, grades, weight=None) -> "IsotonicCalibrator":
+        """Fit on held-out probabilities (n, 5) and human grades (n,); NaN rows are ignored. ``weight``: one
+        sampling weight per pair (an audit sample's design weights), None for equal weights."""
         from sklearn.isotonic import IsotonicRegression
 
         p = _check_probs(probs)
@@ -80,10 +81,11 @@ class IsotonicCalibrator:
         if ok.sum() < 2:
             raise ValueError(f"calibration needs at least 2 labelled pairs with probabilities, got {int(ok.sum())}")
         p, g = p[ok], g[ok]
+        w = None if weight is None else np.asarray(weight, dtype=np.float64)[ok]
         self.x_, self.y_ = [], []
         for k in range(N_GRADES):
             iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-            iso.fit(p[:, k], (g == k).astype(np.float64))
+            iso.fit(p[:, k], (g == k).astype(np.float64), sample_weight=w)
             self.x_.append(np.asarray(iso.X_thresholds_, dtype=np.float64))
             self.y_.append(np.asarray(iso.y_thresholds_, dtype=np.float64))
         self.n_fit = int(len(p))

@@ -119,25 +119,28 @@ class CascadeFit:
     decisions: Decisions  # the chosen cascade replayed on the fitting pairs (reach, decided_by)
 
 
-def agreement_score(pred: np.ndarray, human: np.ndarray, metric: str = "accuracy") -> float:
+def agreement_score(pred: np.ndarray, human: np.ndarray, metric: str = "accuracy",
+                    weight: np.ndarray | None = None) -> float:
     """``accuracy`` or ``balanced`` (the mean of accuracy and the mean recall over the grades present) of the
-    graded pairs (``pred >= 0``)."""
+    graded pairs (``pred >= 0``). ``weight``: one sampling weight per pair (None: every pair counts once)."""
     ok = pred >= 0
     if not ok.any():
         return 0.0
     p, y = pred[ok], human[ok]
-    acc = float((p == y).mean())
+    w = np.ones(len(p)) if weight is None else np.asarray(weight, dtype=np.float64)[ok]
+    hit = (p == y).astype(np.float64)
+    acc = float((w * hit).sum() / w.sum())
     if metric == "accuracy":
         return acc
     if metric != "balanced":
         raise ValueError(f"agreement metric must be accuracy or balanced, got {metric!r}")
-    rec = [float((p[y == g] == g).mean()) for g in range(5) if (y == g).any()]
+    rec = [float((w[y == g] * hit[y == g]).sum() / w[y == g].sum()) for g in range(5) if (y == g).any()]
     return 0.5 * acc + 0.5 * float(np.mean(rec))
 
 
 def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[float], target: float, *,
                 tolerance: float, min_support: int, names: list[str] | None = None, grid: int = 16,
-                max_combinations: int = 20000, metric: str = "accuracy") -> CascadeFit:
+                max_combinations: int = 20000, metric: str = "accuracy", weight: np.ndarray | None = None) -> CascadeFit:
     """The cheapest per-judge precision levels whose replayed cascade reaches ``target - tolerance``.
 
     Agreement is :func:`agreement_score` with ``metric`` (``annotate.agreement_metric``); ``accuracy`` in
@@ -149,27 +152,34 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
     share of pairs that reach it. Candidate levels per judge: ``grid`` evenly spaced precision levels
     from the judge's own accuracy to 1, plus 0 (accept everything it grades) and NEVER (pass everything on).
     The search is exhaustive up to ``max_combinations``, else coordinate descent from the
-    all-NEVER start (every pair voted by every judge)."""
+    all-NEVER start (every pair voted by every judge).
+
+    ``weight`` (one per fitting pair, default 1) is a sampling weight: precision, agreement and each judge's reach
+    are weighted means, so a sample that over-represents some pairs (an audit sample) is read as the population it
+    was drawn from. ``min_support`` still counts pairs."""
     import itertools
 
     human = np.asarray(human)
+    w = np.ones(len(human)) if weight is None else np.asarray(weight, dtype=np.float64)
+    if w.shape != human.shape or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weight must hold one non-negative sampling weight per fitting pair")
     names = names or [str(i) for i in range(len(calibrated))]
-    levels = [_tau_levels(p, human, grid) for p in calibrated]
+    levels = [_tau_levels(p, human, grid, w) for p in calibrated]
     cache: dict[tuple, tuple[float, float, list[np.ndarray]]] = {}
     th_cache: dict[tuple[int, float], np.ndarray] = {}
 
     def th_of(j: int, tau: float) -> np.ndarray:
         if (j, tau) not in th_cache:
             th_cache[(j, tau)] = (np.full(5, NEVER) if tau >= NEVER else
-                                  fit_thresholds(calibrated[j], human, tau, min_support) if tau > 0 else np.zeros(5))
+                                  fit_thresholds(calibrated[j], human, tau, min_support, w) if tau > 0 else np.zeros(5))
         return th_cache[(j, tau)]
 
     def evaluate(taus: tuple) -> tuple[float, float, list[np.ndarray]]:
         if taus not in cache:
             th = [th_of(j, t) for j, t in enumerate(taus)]
             d = route(calibrated, names, th)
-            acc = agreement_score(d.grade, human, metric)
-            cost = float(sum(c * r for c, r in zip(costs, d.reached.mean(axis=1))))
+            acc = agreement_score(d.grade, human, metric, w)
+            cost = float(sum(c * (r * w).sum() / w.sum() for c, r in zip(costs, d.reached)))
             cache[taus] = (acc, cost, th)
         return cache[taus]
 
@@ -207,30 +217,32 @@ def fit_cascade(calibrated: list[np.ndarray], human: np.ndarray, costs: list[flo
                       route(calibrated, names, th))
 
 
-def _tau_levels(p: np.ndarray, human: np.ndarray, grid: int) -> list[float]:
+def _tau_levels(p: np.ndarray, human: np.ndarray, grid: int, weight: np.ndarray) -> list[float]:
     """0, NEVER, and ``grid`` precision levels spread over the range one judge's accepted sets can reach."""
     ok = ~np.isnan(p).any(axis=1)
     if not ok.any():
         return [NEVER]
-    acc = float((p[ok].argmax(axis=1) == human[ok]).mean())
+    acc = float(np.average(p[ok].argmax(axis=1) == human[ok], weights=weight[ok]))
     return sorted({0.0, NEVER, *np.round(np.linspace(acc, 1.0, grid), 4).tolist()})
 
 
-def fit_thresholds(calibrated: np.ndarray, human: np.ndarray, target: float, min_support: int = 5) -> np.ndarray:
-    """Per-grade thresholds for one judge (see the module docstring)."""
+def fit_thresholds(calibrated: np.ndarray, human: np.ndarray, target: float, min_support: int = 5,
+                   weight: np.ndarray | None = None) -> np.ndarray:
+    """Per-grade thresholds for one judge (see the module docstring); precision is weighted by ``weight``."""
     th = np.full(5, NEVER)
     ok = ~np.isnan(calibrated).any(axis=1)
     p, y = calibrated[ok], human[ok]
+    w = np.ones(len(p)) if weight is None else np.asarray(weight, dtype=np.float64)[ok]
     top = p.argmax(axis=1)
     conf = p[np.arange(len(p)), top]
     for c in range(5):
         sel = top == c
         if sel.sum() < min_support:
             continue
-        cs, correct = conf[sel], (y[sel] == c)
-        order = np.argsort(-cs)
-        cs, correct = cs[order], correct[order]
-        prec = np.cumsum(correct) / np.arange(1, len(cs) + 1)
+        cs, correct, ws = conf[sel], (y[sel] == c), w[sel]
+        order = np.argsort(-cs, kind="stable")
+        cs, correct, ws = cs[order], correct[order], ws[order]
+        prec = np.cumsum(ws * correct) / np.maximum(np.cumsum(ws), 1e-12)
         # the lowest confidence cut whose accepted set still meets the target precision
         good = np.flatnonzero((prec >= target) & (np.arange(1, len(cs) + 1) >= min_support))
         if len(good):

@@ -119,27 +119,44 @@ def few_shot_examples(store: Store, n: int) -> list[dict]:
     return out
 
 
-def calibration_pairs(store: Store, pool: str, with_audit: bool) -> tuple[list, np.ndarray, int]:
+def calibration_pairs(store: Store, pool: str, with_audit: bool) -> tuple[list, np.ndarray, np.ndarray, int]:
     """The calib split (of ``pool``), plus the audit split when ``with_audit`` (an audited pair's audit grade wins
-    over a calib grade of the same pair). Returns (pairs, grades, audit pairs used)."""
+    over a calib grade of the same pair). Returns (pairs, grades, sampling weights, audit pairs used).
+
+    Calib pairs weigh 1. An audit sample over-represents rare strata and low-confidence labels on purpose, so each
+    audited pair weighs its design weight (1 / inclusion probability, from ``audit_samples``), scaled so that the
+    audit pairs' weights average 1: the audit keeps the influence of its size, and inside it the strata count as
+    often as they occur in the labels. An audited pair with no sample row (graded outside `assay audit sample`)
+    weighs 1."""
     pairs, y = human_pairs(store, "calib", pool=pool)
     if not with_audit:
-        return pairs, y, 0
+        return pairs, y, np.ones(len(y)), 0
     a_pairs, a_y = human_pairs(store, "audit")
     audited = {(p.query_id, p.item_id) for p in a_pairs}
     keep = [i for i, p in enumerate(pairs) if (p.query_id, p.item_id) not in audited]
-    return [pairs[i] for i in keep] + a_pairs, np.concatenate([y[keep], a_y]), len(a_pairs)
+    design = {(q, i): w for q, i, w in store.exec("SELECT query_id, item_id, design_weight FROM audit_samples")}
+    a_w = np.array([design.get((p.query_id, p.item_id), np.nan) for p in a_pairs], dtype=np.float64)
+    has = ~np.isnan(a_w)
+    if has.any():
+        a_w[has] /= a_w[has].mean()
+    a_w[~has] = 1.0
+    return ([pairs[i] for i in keep] + a_pairs, np.concatenate([y[keep], a_y]),
+            np.concatenate([np.ones(len(keep)), a_w]), len(a_pairs))
 
 
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None,
         with_audit: bool = False) -> dict:
     """Fit each judge's calibrator and the cascade thresholds on the calib split (``with_audit``: plus the grades
     people gave in `assay audit import`)."""
-    pairs, y, n_audit = calibration_pairs(store, cfg.calibrate_on, with_audit)
+    pairs, y, w, n_audit = calibration_pairs(store, cfg.calibrate_on, with_audit)
     n_mined = count_mined(store, pairs[:len(pairs) - n_audit])
     fitted_on = {"split": "calib+audit" if with_audit else "calib", "pool": cfg.calibrate_on,
                  "seed_pairs": len(pairs) - n_mined - n_audit, "mined_pairs": n_mined, "audit_pairs": n_audit,
                  "metric": cfg.agreement_metric}
+    if n_audit:
+        a_w = w[len(pairs) - n_audit:]
+        fitted_on["audit_weights"] = {"scheme": "design weight / mean", "min": round(float(a_w.min()), 3),
+                                      "max": round(float(a_w.max()), 3)}
     judges = judges or prepare_judges(cfg, store)
     summary: dict = {"calib_pairs": len(pairs), "fitted_on": fitted_on, "judges": {}}
     calibrated, latency = [], []
@@ -152,7 +169,7 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
             if ok.sum() < 10:
                 raise ValueError(f"judge {jcfg.name!r} graded only {int(ok.sum())} of {len(pairs)} calibration pairs; "
                                  "check its model/backend before calibrating")
-            calibrator = cal_mod.IsotonicCalibrator().fit(out.probs[ok], y[ok])
+            calibrator = cal_mod.IsotonicCalibrator().fit(out.probs[ok], y[ok], w[ok])
             calibrator.save(calibrator_file(store.artifacts, jcfg.name))
             cp = calibrator.transform(out.probs)
             calibrated.append(cp)
@@ -163,18 +180,19 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: lis
                 "brier_before": round(cal_mod.brier(out.probs, y), 4), "brier_after": round(cal_mod.brier(cp, y), 4),
                 "accuracy": round(cal_mod.accuracy(cp.argmax(axis=1)[ok], y[ok]), 4),
                 "score": round(agreement_score(np.where(ok, np.nan_to_num(cp, nan=-1).argmax(axis=1), -1), y,
-                                               cfg.agreement_metric), 4),
+                                               cfg.agreement_metric, w), 4),
                 "grade_recall": grade_recall(cal_mod.confusion(cp.argmax(axis=1)[ok], y[ok])),
                 "ms_per_pair": round(latency[-1], 2), "seconds": round(secs, 1)}
         scores = [summary["judges"][j.name]["score"] for j in cfg.judges]
         target = cfg.target_agreement or max(scores)
         fit = fit_cascade(calibrated, y, latency, target, tolerance=cfg.agreement_tolerance,
-                          min_support=cfg.min_support, names=[j.name for j in cfg.judges], metric=cfg.agreement_metric)
+                          min_support=cfg.min_support, names=[j.name for j in cfg.judges], metric=cfg.agreement_metric,
+                          weight=w)
         th, dec = fit.thresholds, fit.decisions
         if not fit.met_target:
             log.warning("no threshold combination reaches %s %.4f - %.4f on the calibration split; kept the "
                         "best one (%.4f)", cfg.agreement_metric, target, cfg.agreement_tolerance, fit.accuracy)
-        reach = dec.reached.mean(axis=1)
+        reach = (dec.reached * w).sum(axis=1) / w.sum()
         summary.update({
             "target_agreement": round(float(target), 4), "target_source": "config" if cfg.target_agreement else "best judge",
             "agreement_tolerance": cfg.agreement_tolerance, "target_met": fit.met_target,

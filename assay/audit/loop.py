@@ -47,9 +47,33 @@ STRATA_SQL = f"""
                       AND h.split = '{AUDIT_SPLIT}')"""
 
 
+def inclusion_probabilities(weight: np.ndarray, k: int) -> np.ndarray:
+    """Each unit's probability of being among ``k`` drawn in proportion to ``weight`` without replacement: the
+    usual proportional-to-size approximation ``k * w_i / sum(w)``, capped at 1 with the cap's surplus handed to the
+    rest until none passes 1. With equal weights it is exactly ``k / N``."""
+    w = np.asarray(weight, dtype=np.float64)
+    pi = np.zeros(len(w))
+    if k <= 0 or len(w) == 0:
+        return pi
+    if k >= len(w):
+        return np.ones(len(w))
+    sure = np.zeros(len(w), dtype=bool)
+    while True:
+        left = k - sure.sum()
+        pi[~sure] = left * w[~sure] / w[~sure].sum()
+        over = ~sure & (pi >= 1.0)
+        if not over.any():
+            break
+        sure |= over
+        pi[sure] = 1.0
+    return pi
+
+
 def pick(store: Store, cfg: AuditConfig, sha: str, n: int) -> pa.Table:
-    """(query_id, item_id, stratum, confidence, weight) of the sample: proportional allocation with a floor over
-    tier x grade x decided_by, low-confidence pairs weighted ``oversample`` inside their stratum."""
+    """(query_id, item_id, stratum, low_confidence, inclusion, design_weight) of the sample: proportional
+    allocation with a floor over tier x grade x decided_by, low-confidence pairs weighted ``oversample`` inside
+    their stratum. ``design_weight`` = 1 / inclusion probability (how many pairs of the population each stands
+    for), which agreement and `calibrate --from-audit` use to read the sample back as the population."""
     from assay.annotate.requests import allocate
 
     pool = store.query(STRATA_SQL, [sha])
@@ -64,16 +88,19 @@ def pick(store: Store, cfg: AuditConfig, sha: str, n: int) -> pa.Table:
     weight = np.where(conf < cut, cfg.oversample, 1.0)
     rng = np.random.default_rng(cfg.seed)
     key = rng.random(len(conf)) ** (1.0 / weight)  # Efraimidis-Spirakis: the largest keys are the weighted sample
-    keep = []
+    keep, incl = [], np.zeros(len(conf))
     for name in names:
         idx = np.flatnonzero(strata == name)
         k = quota.get(str(name), 0)
         if k:
             keep.extend(idx[np.argsort(-key[idx], kind="stable")[:k]].tolist())
+            incl[idx] = inclusion_probabilities(weight[idx], k)
     keep = np.sort(np.asarray(keep, dtype=np.int64))
     return pa.table({"query_id": pool.column("query_id").take(keep), "item_id": pool.column("item_id").take(keep),
                      "stratum": pa.array(strata[keep].tolist(), pa.string()),
-                     "low_confidence": pa.array((conf[keep] < cut).tolist(), pa.bool_())})
+                     "low_confidence": pa.array((conf[keep] < cut).tolist(), pa.bool_()),
+                     "inclusion": pa.array(incl[keep], pa.float64()),
+                     "design_weight": pa.array(1.0 / incl[keep], pa.float64())})
 
 
 def sample(cfg: AuditConfig, ecfg: ExportConfig, store: Store, out: Path, *, n: int | None = None,
@@ -93,13 +120,18 @@ def sample(cfg: AuditConfig, ecfg: ExportConfig, store: Store, out: Path, *, n: 
         store.con.register(view, picked)
         try:
             sql, params = ex.lineage_sql(sha)
-            sql = (f"SELECT x.*, s.stratum, s.low_confidence, NULL::TINYINT AS audit_grade, NULL::VARCHAR AS annotator "
+            sql = (f"SELECT x.*, s.stratum, s.low_confidence, s.design_weight, NULL::TINYINT AS audit_grade, "
+                   f"NULL::VARCHAR AS annotator "
                    f"FROM ({sql}) x JOIN {view} s USING (query_id, item_id) ORDER BY s.stratum, x.query_id, x.item_id")
             batches = (ex.with_item_text(b) for b in store.iter_batches(sql, params, ecfg.batch_rows) if b.num_rows)
             with tqdm(total=picked.num_rows, desc=f"audit sample {fmt}", unit=" rows", disable=not progress) as bar:
                 rows = ex.write_batches(batches, out, fmt, bar)
         finally:
             store.con.unregister(view)
+        store.write("audit_samples", picked.append_column("cascade_sha", pa.array([sha] * picked.num_rows, pa.string()))
+                    .append_column("run_id", pa.array([run_id] * picked.num_rows, pa.string()))
+                    .append_column("created_at", pa.array([utcnow()] * picked.num_rows, pa.timestamp("us"))),
+                    mode="upsert")
         strata = picked.column("stratum").to_pylist()
         summary = {"run_id": run_id, "rows": rows, "out": str(out), "format": fmt, "cascade_sha": sha,
                    "strata": len(set(strata)), "low_confidence": int(sum(picked.column("low_confidence").to_pylist())),
@@ -192,10 +224,11 @@ def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | N
     tbl = store.query(f"""
         WITH {_AUDIT_CTE}
         SELECT h.query_id, h.item_id, h.human, l.grade, l.decided_by,
-               coalesce(t.tier::VARCHAR, 'none') AS tier
+               coalesce(t.tier::VARCHAR, 'none') AS tier, a.design_weight
         FROM h JOIN labels l ON l.query_id = h.query_id AND l.item_id = h.item_id
                             AND l.cascade_sha = ? AND l.status = 'ok'
         LEFT JOIN {_TIER_SQL} t ON t.query_id = h.query_id AND t.item_id = h.item_id
+        LEFT JOIN audit_samples a ON a.query_id = h.query_id AND a.item_id = h.item_id
         ORDER BY h.query_id, h.item_id""", [sha])
     if tbl.num_rows == 0:
         raise ValueError(f"no audit grades on labels of cascade {sha}; run `assay audit sample`, have people grade "
@@ -207,8 +240,10 @@ def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | N
     from assay.curriculum.tiers import TIER_NAMES
 
     tier_name = np.array([TIER_NAMES.get(int(t), t) if t != "none" else "none" for t in tier], dtype=object)
+    dw = np.asarray(tbl.column("design_weight").to_pylist(), dtype=np.float64)  # NaN: not from `audit sample`
     data: dict = {"split": AUDIT_SPLIT, "cascade_sha": sha, "pairs": int(len(y)),
                   "human_grades": {g: int((y == g).sum()) for g in range(5)}, "cascade": _metrics(pred, y),
+                  "cascade_population": population_estimate(pred, y, dw),
                   "by_decided_by": {}, "by_tier": {}, "judges": {}}
     for w in sorted(set(by.tolist())):
         data["by_decided_by"][w] = _metrics(pred[by == w], y[by == w])
@@ -226,6 +261,27 @@ def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | N
     _write(folder, data)
     data["report"] = str(folder / "report.html")
     return data
+
+
+def _population_html(pop: dict) -> str:
+    if not pop["n"]:
+        return "<p>No audited pair has a design weight (none came from <code>assay audit sample</code>).</p>"
+    return (f"<p>The sample over-represents rare strata and low-confidence labels on purpose. Weighted back to the "
+            f"population it was drawn from ({pop['n']} pairs, design weights): the cascade's accuracy is "
+            f"<b>{pop['accuracy']}</b>, within one {pop['within_one']}.</p>")
+
+
+def population_estimate(pred: np.ndarray, y: np.ndarray, design_weight: np.ndarray) -> dict:
+    """Accuracy and within-one of the cascade on the population the audit sample was drawn from: each sampled pair
+    weighted by its design weight (Horvitz-Thompson ratio estimate). Pairs graded without a sample row (imported
+    from elsewhere) are left out of this figure and counted."""
+    ok = ~np.isnan(design_weight)
+    if not ok.any():
+        return {"n": 0, "accuracy": None, "within_one": None, "unweighted_pairs": int(len(y))}
+    w, p, h = design_weight[ok], pred[ok].astype(np.int64), y[ok].astype(np.int64)
+    return {"n": int(ok.sum()), "accuracy": round(float(np.average(p == h, weights=w)), 4),
+            "within_one": round(float(np.average(np.abs(p - h) <= 1, weights=w)), 4),
+            "unweighted_pairs": int((~ok).sum())}
 
 
 def _write(folder: Path, data: dict) -> None:
@@ -246,7 +302,8 @@ def _write(folder: Path, data: dict) -> None:
     write_report(folder, "assay agreement --split audit", data, [
         (f"Cascade {data['cascade_sha']} against {data['pairs']} audited pairs",
          table_html(head, [row("cascade (written labels)", data["cascade"])]
-                    + [row(f"judge {n} (its own vote, where it voted)", m) for n, m in data["judges"].items()])),
+                    + [row(f"judge {n} (its own vote, where it voted)", m) for n, m in data["judges"].items()])
+         + _population_html(data["cascade_population"])),
         ("By deciding judge", table_html(head, [row(n, m) for n, m in data["by_decided_by"].items()])),
         ("By tier", table_html(head, [row(n, m) for n, m in data["by_tier"].items()])),
         ("Confusion matrices", "".join(imgs)),
