@@ -75,6 +75,14 @@ def test_checkpoint_reloads_with_identical_embeddings(tmp_path):
     assert m2.query_tower[0] is m2.item_tower[0]  # shared towers are tied again
     with torch.inference_mode():
         assert torch.equal(m2.encode_queries(qs), q0) and torch.equal(m2.encode_items(items), i0)
+    # a loaded model is in inference mode, and code that restores the mode it found (validation) keeps it there:
+    # a root left in training mode once turned dropout on in the towers and made later encodes random
+    assert not m2.training and not m.training
+    was = m2.training
+    m2.eval()
+    m2.train(was)
+    with torch.inference_mode():
+        assert torch.equal(m2.encode_queries(qs), q0)
     # each tower is a plain sentence-transformers model
     st = SentenceTransformer(str(tmp_path / "ck" / "item"), device="cpu")
     assert np.allclose(st.encode(items), i0.numpy(), atol=1e-5)

@@ -118,7 +118,7 @@ class TwoTower(nn.Module):
                 "beta": beta, "shared": shared, "projection_dim": projection_dim, "base_model": base_model,
                 "base_model_sha": models.model_sha(resolved), "query_max_length": query_max_length,
                 "item_max_length": item_max_length, "pooling": "mean"}
-        return cls(query, item, info=info).to(device)
+        return cls(query, item, info=info).to(device).eval()  # inference mode until a training loop says train()
 
     def save(self, path: str | Path) -> str:
         """Write query/, item/ and twotower.json; returns the checkpoint sha (content hash of the weights)."""
@@ -152,7 +152,9 @@ class TwoTower(nn.Module):
                 item[i] = query[i]
         model = cls(query, item, info={k: v for k, v in info.items() if k != "sha"}).to(device)
         model.sha = info.get("sha") or checkpoint_sha(path)
-        return model
+        # A loaded checkpoint is for inference: without this the root module stays in training mode, and anything
+        # that restores the mode (validate) switches dropout on in the towers for every later PyTorch encode.
+        return model.eval()
 
     # ------------------------------------------------------------------ inference backend
     @property
