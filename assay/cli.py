@@ -251,7 +251,9 @@ def calibrate(from_audit: bool = typer.Option(False, "--from-audit", help="fit o
     from assay.annotate import fit
 
     ctx = Ctx(workspace, config, set_, quiet)
-    s = _stage(ctx, lambda store: fit.run(ctx.cfg.annotate, store, progress=not quiet, with_audit=from_audit))
+    s = _stage(ctx, lambda store: fit.run(ctx.cfg.annotate, store, progress=not quiet, with_audit=from_audit,
+                                          audit_weights=ctx.cfg.audit.calibration_weights))
+
     def render(s: dict) -> None:
         t = Table(title=f"calibration on {s['calib_pairs']:,} pairs (target agreement {s['target_agreement']:.3f}, "
                         f"{s['target_source']})")

@@ -488,6 +488,10 @@ class AuditConfig(Section):
     oversample: float = Field(3.0, ge=1, description="how many times as likely a low-confidence label is drawn "
                                                      "within its stratum")
     seed: int = 11
+    calibration_weights: Literal["none", "design"] = Field(
+        "design", description="how `assay calibrate --from-audit` weighs audited pairs: design (1 / inclusion "
+                              "probability, scaled to mean 1, so the audit counts like the labels it was drawn from) "
+                              "or none (each audited pair once, like a calib pair)")
 
 
 class PipelineConfig(Section):

@@ -196,6 +196,9 @@ def test_audit_round_trip_csv_jsonl_and_labelstudio(audit_master, tmp_path):
         assert (w0 == 1).all() and (w[:len(both) - n_audit] == 1).all()
         a_w = w[len(both) - n_audit:]
         assert a_w.mean() == pytest.approx(1.0) and a_w.std() > 0
+        assert (calibration_pairs(s, "all", True, "none")[2] == 1).all()  # audit.calibration_weights: none
+        with pytest.raises(ValueError, match="calibration_weights"):
+            calibration_pairs(s, "all", True, "inverse")
         drawn = {(x["query_id"], x["item_id"]): x for x in rows}
         by_pair = {(p.query_id, p.item_id): v for p, v in zip(both[len(both) - n_audit:], a_w)}
         for stratum in {x["stratum"] for x in rows}:

@@ -119,22 +119,26 @@ def few_shot_examples(store: Store, n: int) -> list[dict]:
     return out
 
 
-def calibration_pairs(store: Store, pool: str, with_audit: bool) -> tuple[list, np.ndarray, np.ndarray, int]:
+def calibration_pairs(store: Store, pool: str, with_audit: bool,
+                      weights: str = "design") -> tuple[list, np.ndarray, np.ndarray, int]:
     """The calib split (of ``pool``), plus the audit split when ``with_audit`` (an audited pair's audit grade wins
     over a calib grade of the same pair). Returns (pairs, grades, sampling weights, audit pairs used).
 
-    Calib pairs weigh 1. An audit sample over-represents rare strata and low-confidence labels on purpose, so each
-    audited pair weighs its design weight (1 / inclusion probability, from ``audit_samples``), scaled so that the
-    audit pairs' weights average 1: the audit keeps the influence of its size, and inside it the strata count as
-    often as they occur in the labels. An audited pair with no sample row (graded outside `assay audit sample`)
-    weighs 1."""
+    Calib pairs weigh 1, and so do audited pairs with ``weights`` = ``none``. With ``design`` (an audit sample
+    over-represents rare strata and low-confidence labels on purpose) each audited pair weighs its design weight
+    (1 / inclusion probability, from ``audit_samples``), scaled so that the audit pairs' weights average 1: the
+    audit keeps the influence of its size, and inside it the strata count as often as they occur in the labels. An
+    audited pair with no sample row (graded outside `assay audit sample`) weighs 1."""
+    if weights not in ("none", "design"):
+        raise ValueError(f"audit.calibration_weights must be none or design, got {weights!r}")
     pairs, y = human_pairs(store, "calib", pool=pool)
     if not with_audit:
         return pairs, y, np.ones(len(y)), 0
     a_pairs, a_y = human_pairs(store, "audit")
     audited = {(p.query_id, p.item_id) for p in a_pairs}
     keep = [i for i, p in enumerate(pairs) if (p.query_id, p.item_id) not in audited]
-    design = {(q, i): w for q, i, w in store.exec("SELECT query_id, item_id, design_weight FROM audit_samples")}
+    design = {} if weights == "none" else {
+        (q, i): w for q, i, w in store.exec("SELECT query_id, item_id, design_weight FROM audit_samples")}
     a_w = np.array([design.get((p.query_id, p.item_id), np.nan) for p in a_pairs], dtype=np.float64)
     has = ~np.isnan(a_w)
     if has.any():
@@ -145,22 +149,23 @@ def calibration_pairs(store: Store, pool: str, with_audit: bool) -> tuple[list, 
 
 
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, judges: list | None = None,
-        with_audit: bool = False) -> dict:
+        with_audit: bool = False, audit_weights: str = "design") -> dict:
     """Fit each judge's calibrator and the cascade thresholds on the calib split (``with_audit``: plus the grades
     people gave in `assay audit import`)."""
-    pairs, y, w, n_audit = calibration_pairs(store, cfg.calibrate_on, with_audit)
+    pairs, y, w, n_audit = calibration_pairs(store, cfg.calibrate_on, with_audit, audit_weights)
     n_mined = count_mined(store, pairs[:len(pairs) - n_audit])
     fitted_on = {"split": "calib+audit" if with_audit else "calib", "pool": cfg.calibrate_on,
                  "seed_pairs": len(pairs) - n_mined - n_audit, "mined_pairs": n_mined, "audit_pairs": n_audit,
                  "metric": cfg.agreement_metric}
     if n_audit:
         a_w = w[len(pairs) - n_audit:]
-        fitted_on["audit_weights"] = {"scheme": "design weight / mean", "min": round(float(a_w.min()), 3),
-                                      "max": round(float(a_w.max()), 3)}
+        fitted_on["audit_weights"] = {"scheme": "design weight / mean" if audit_weights == "design" else "none",
+                                      "min": round(float(a_w.min()), 3), "max": round(float(a_w.max()), 3)}
     judges = judges or prepare_judges(cfg, store)
     summary: dict = {"calib_pairs": len(pairs), "fitted_on": fitted_on, "judges": {}}
     calibrated, latency = [], []
-    with store.run("calibrate", {"annotate": cfg.model_dump(mode="json"), "with_audit": with_audit}) as run_id:
+    with store.run("calibrate", {"annotate": cfg.model_dump(mode="json"), "with_audit": with_audit,
+                                 "audit_weights": audit_weights}) as run_id:
         for jcfg, judge in zip(cfg.judges, judges):
             t0 = time.perf_counter()
             out = judge.predict(pairs, progress=progress)

@@ -90,7 +90,8 @@ def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -
     def measure(m) -> dict:
         runners = m._runners
         folder = runners["item"].folder
-        key = "twotower-" + inference.sample_digest(items + queries + [str(store.count("labels"))])
+        # v2: results cached before the eval-mode fix compared against a dropout-noised reference; not reused
+        key = "twotower-v2-" + inference.sample_digest(items + queries + [str(store.count("labels"))])
         known = (inference.read_export(folder) or {}).get("guard", {}).get(key)
         if known:
             return known
