@@ -75,6 +75,26 @@ def mined_master(tiny_workspace_master, tmp_path_factory):
     return ws, summary
 
 
+def kill9_script(module: str, func: str, nth: int, run: str) -> str:
+    """A Python program for ``python -c`` that replaces ``module.func`` with a wrapper which SIGKILLs its own process
+    on the ``nth`` call (before that call does its work), then runs ``run`` (code that may read ``sys.argv`` and
+    use ``target``, the imported module). The kill -9 tests of mining and annotation use it."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        import importlib, os, signal, sys
+        target = importlib.import_module({module!r})
+        orig = target.{func}
+        calls = {{"n": 0}}
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == {nth}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(*a, **k)
+        target.{func} = wrapped
+    """) + textwrap.dedent(run)
+
+
 def free_port() -> int:
     import socket
 

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from assay.annotate.runtime import cascade_file, cascade_sha
 from assay.config import AnnotateConfig, JudgeConfig
 from assay.store import Store
 
-from conftest import copy_ws
+from conftest import copy_ws, kill9_script
 
 pytestmark = pytest.mark.slow
 
@@ -101,24 +100,13 @@ def test_annotate_writes_labels_and_votes_and_is_idempotent(calibrated):
         assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM labels GROUP BY 1, 2 HAVING count(*) > 1)") == 0
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from assay.annotate import batches
+# the third batch is computed but never committed
+KILLER = kill9_script("assay.annotate.batches", "annotate_batch", 3, """
     from assay.config import AnnotateConfig
     from assay.store import Store
-    cfg = AnnotateConfig.model_validate_json(sys.argv[2])
-    orig = batches.annotate_batch
-    calls = {"n": 0}
-    def wrapped(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:   # the third batch is computed but never committed
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*a, **k)
-    batches.annotate_batch = wrapped
     with Store.open(sys.argv[1]) as s:
-        batches.run(cfg, s, progress=False)
+        target.run(AnnotateConfig.model_validate_json(sys.argv[2]), s, progress=False)
 """)
-
 
 def test_kill9_mid_batch_resumes_without_loss_or_duplicates(calibrated):
     cfg = acfg(max_pairs=250, batch_size=50)

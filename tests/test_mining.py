@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ from assay.mining.bm25 import BM25Index
 from assay.store import Store
 
 from conftest import MINING_FAST as FAST
+from conftest import kill9_script
 
 
 @pytest.fixture()
@@ -75,23 +75,13 @@ def test_negatives_are_outside_candidates_and_in_band(mined):
         assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM negatives GROUP BY 1, 2 HAVING count(*) > 1)") == 0
 
 
-KILLER = textwrap.dedent("""
-    import importlib, os, signal, sys
+# the fourth batch is searched but never committed
+KILLER = kill9_script("assay.mining.run", "_write_batch", 4, """
     from assay.config import MiningConfig, ModelsConfig
     from assay.store import Store
-    mining = importlib.import_module("assay.mining.run")
-    orig = mining._write_batch
-    calls = {"n": 0}
-    def wrapped(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:   # the fourth batch is searched but never committed
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*a, **k)
-    mining._write_batch = wrapped
     with Store.open(sys.argv[1]) as s:
-        mining.run(MiningConfig.model_validate_json(sys.argv[2]), s, ModelsConfig(backend="torch"), progress=False)
+        target.run(MiningConfig.model_validate_json(sys.argv[2]), s, ModelsConfig(backend="torch"), progress=False)
 """)
-
 
 def test_kill9_mid_mining_resumes_to_the_uninterrupted_result(mined, tiny_workspace):
     """`kill -9` between two batch commits, then a re-run: the committed batches are kept, the rest are mined,

@@ -278,8 +278,10 @@ def population_estimate(pred: np.ndarray, y: np.ndarray, design_weight: np.ndarr
     ok = ~np.isnan(design_weight)
     if not ok.any():
         return {"n": 0, "accuracy": None, "within_one": None, "unweighted_pairs": int(len(y))}
+    from assay.annotate.cascade import agreement_score
+
     w, p, h = design_weight[ok], pred[ok].astype(np.int64), y[ok].astype(np.int64)
-    return {"n": int(ok.sum()), "accuracy": round(float(np.average(p == h, weights=w)), 4),
+    return {"n": int(ok.sum()), "accuracy": round(agreement_score(p, h, "accuracy", w), 4),
             "within_one": round(float(np.average(np.abs(p - h) <= 1, weights=w)), 4),
             "unweighted_pairs": int((~ok).sum())}
 

@@ -95,7 +95,6 @@ def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -
         known = (inference.read_export(folder) or {}).get("guard", {}).get(key)
         if known:
             return known
-        m.eval()
         with torch.inference_mode():
             got = (m.encode_items(items).numpy(), m.encode_queries(queries).reshape(len(queries), -1).numpy())
             data = _val_data(cfg, store)  # loaded once, scored with both backends
