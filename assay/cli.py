@@ -622,11 +622,17 @@ def search(query: str = typer.Argument(..., help="the search query"),
     from assay.serving.index import Served
 
     ctx = Ctx(workspace, config, set_, quiet)
-    hits = _stage(ctx, lambda store: [h.__dict__ for h in Served(ctx.cfg, store, index_id).search(query, k, mode)],
-                  read_only=True)
+    searched: list[str] = []
+
+    def go(store) -> list[dict]:
+        served = Served(ctx.cfg, store, index_id)
+        searched.append(served.correct(query.strip()))
+        return [h.__dict__ for h in served.search(query, k, mode)]
+    hits = _stage(ctx, go, read_only=True)
 
     def render(rows: list[dict]) -> None:
-        t = Table(title=f"{query!r}: top {len(rows)} ({mode})")
+        fixed = f" (searched as {searched[0]!r})" if searched and searched[0] != query.strip() else ""
+        t = Table(title=f"{query!r}{fixed}: top {len(rows)} ({mode})")
         for c in ("rank", "item_id", "title", "score", "source"):
             t.add_column(c)
         for r, h in enumerate(rows, 1):

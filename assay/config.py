@@ -321,7 +321,10 @@ class TierConfig(Section):
     hard_pos_grade: int = Field(3, ge=0, le=4, description="hard_pos: least grade")
     hard_pos_lexical_top: int = Field(50, ge=1, description="hard_pos: within BM25's top-N and not retrieved by ANN")
     hard_neg_grade: int = Field(1, ge=0, le=4, description="hard_neg: highest grade")
-    hard_neg_top: int = Field(100, ge=1, description="hard_neg: retrieved by exactly one channel within its top-N")
+    hard_neg_top: int = Field(100, ge=1, description="hard_neg: within the top-N of a channel that retrieved it")
+    hard_neg_max_channels: int = Field(
+        1, ge=1, le=3, description="hard_neg: retrieved by at most this many channels (1: exactly one, the design's "
+                                   "rule; 2-3 also keep the low-grade pairs that several channels agree on)")
     token_sim_neg_grade: int = Field(1, ge=0, le=4, description="token_sim_neg: highest grade (an unlabeled negative is no example)")
     random_neg_grade: int = Field(1, ge=0, le=4, description="random_neg: highest grade (an unlabeled negative is no example)")
 
@@ -448,6 +451,18 @@ class TrainConfig(Section):
         return self
 
 
+class SpellConfig(Section):
+    """Query spelling correction against the catalog's vocabulary (assay/spell.py; docs/serving.md): applied to
+    every query of `assay train` (training and validation), `assay evaluate` (every system, BM25 included),
+    `assay search` and `assay serve`, so all of them see the same text."""
+
+    enabled: bool = Field(True, description="correct unknown query words to the closest catalog word")
+    min_length: int = Field(4, ge=1, description="shorter words are never corrected")
+    long_length: int = Field(8, ge=2, description="words this long may be 2 edits from their correction (else 1)")
+    model_vocab: bool = Field(True, description="also treat whole words of the embedder's WordPiece vocabulary as "
+                                                "known (never corrected)")
+
+
 class ServeConfig(Section):
     """`assay export-index` and `assay search` (docs/serving.md): a FAISS index bound to one checkpoint."""
 
@@ -516,6 +531,7 @@ class AssayConfig(Section):
     label_request: LabelRequestConfig = Field(default_factory=LabelRequestConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    spell: SpellConfig = Field(default_factory=SpellConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)

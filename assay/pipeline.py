@@ -116,13 +116,13 @@ def _curriculum(cfg, store, progress):
 def _train(cfg, store, progress):
     from assay.trainer.run import run
 
-    return run(cfg.train, store, cfg.models, progress=progress)
+    return run(cfg.train, store, cfg.models, progress=progress, spell=cfg.spell)
 
 
 def _baselines(cfg, store, progress):
     from assay.trainer.run import run
 
-    return {b: run(cfg.train, store, cfg.models, baseline=b, progress=progress)["run_id"]
+    return {b: run(cfg.train, store, cfg.models, baseline=b, progress=progress, spell=cfg.spell)["run_id"]
             for b in cfg.pipeline.baselines}
 
 
@@ -153,10 +153,10 @@ STEPS: list[tuple[str, tuple[str, ...], Callable, Callable[[AssayConfig], bool]]
     ("annotate", ("annotate",), _with_store(_annotate), lambda c: True),
     ("agreement", ("annotate",), _with_store(_agreement), lambda c: True),
     ("curriculum", ("curriculum",), _with_store(_curriculum), lambda c: True),
-    ("train", ("train", "models"), _with_store(_train), lambda c: True),
-    ("baselines", ("train", "pipeline"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
-    ("export-index", ("serve",), _with_store(_export), lambda c: c.pipeline.export_index),
-    ("evaluate", ("mining",), _with_store(_evaluate), lambda c: True),
+    ("train", ("train", "models", "spell"), _with_store(_train), lambda c: True),
+    ("baselines", ("train", "pipeline", "spell"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
+    ("export-index", ("serve", "spell"), _with_store(_export), lambda c: c.pipeline.export_index),
+    ("evaluate", ("mining", "spell"), _with_store(_evaluate), lambda c: True),
 ]
 STEP_NAMES = [s[0] for s in STEPS]
 

@@ -39,6 +39,25 @@ def test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth(curriculu
         assert r["recall@10"] <= r["recall@50"] <= r["recall@100"]
     # two different retrievers do not score identically
     assert res["systems"]["bm25"]["all"]["ndcg@10"] != res["systems"]["base encoder"]["all"]["ndcg@10"]
+    assert res["spell"] == {"enabled": False, "corrected_queries": 0}
+
+
+def test_evaluate_searches_with_the_corrected_query_text(curriculum_ws):
+    """With a speller every system gets the corrected text: the count is the test queries it changes, and a
+    speller that changes nothing leaves every metric as it was."""
+    from assay.config import AssayConfig
+    from assay.eval.retrieval import eval_queries, evaluate
+    from assay.spell import Speller, for_workspace
+
+    with Store.open(curriculum_ws) as store:
+        sp = for_workspace(AssayConfig(), store)
+        texts = eval_queries(store, "test")[1]
+        res = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, speller=sp)
+        same = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, speller=Speller({}))
+        plain = evaluate(store, {"bm25": "bm25"}, split="test", progress=False)
+    assert res["spell"] == {"enabled": True, "corrected_queries": sum(sp.correct(t) != t for t in texts)}
+    assert same["spell"]["corrected_queries"] == 0
+    assert same["systems"]["bm25"]["all"]["ndcg@10"] == plain["systems"]["bm25"]["all"]["ndcg@10"]
 
 
 def test_without_truth_only_labeled_pairs_are_judged(curriculum_ws):

@@ -64,6 +64,14 @@ def test_search_dense_and_hybrid_and_bad_input(exported):
                                 (text, 10, "sparse", "unknown mode")]:
             with pytest.raises(ValueError, match=msg):
                 served.search(q, k, mode)
+        # a misspelled query is searched as its correction against the catalog's words (assay/spell.py) ...
+        assert served.correct("velvte sofaa") == "velvet sofa"
+        clean = [h.item_id for h in served.search("velvet sofa", k=20)]
+        assert [h.item_id for h in served.search("velvte sofaa", k=20)] == clean
+        # ... and as typed when spell.enabled is false: the encoder then sees other word pieces
+        raw = Served(AssayConfig(spell={"enabled": False}), s, flat["index_id"])
+        assert raw.correct("velvte sofaa") == "velvte sofaa"
+        assert [h.item_id for h in raw.search("velvte sofaa", k=20)] != clean
 
 
 def _changed_copy(exported, tmp_path):
@@ -197,6 +205,8 @@ def test_the_real_server_answers_and_rejects_bad_requests(server):
     assert status == 200 and man["checkpoint_sha"] == health["checkpoint_sha"]
     status, res = _http(f"{base}/search", {"query": "velvet sofa", "k": 7, "mode": "hybrid"})
     assert status == 200 and len(res["hits"]) == 7 and res["took_ms"] > 0
+    status, fixed = _http(f"{base}/search", {"query": "velvte sofa", "k": 7, "mode": "hybrid"})
+    assert status == 200 and fixed["searched"] == "velvet sofa" and fixed["hits"] == res["hits"]
     assert all(h["title"] and h["source"] in ("dense", "bm25", "both") for h in res["hits"])
     for body, reason in [({"query": "   "}, "empty"), ({"query": "x" * 513}, "512"),
                          ({"query": "sofa", "k": 0}, "greater than or equal to 1"),

@@ -7,7 +7,7 @@ the pair is in no tier. Rules, with every threshold from :class:`assay.config.Ti
 |---|---|---|
 | 1 | easy_pos | a candidate retrieved by every active channel of its query, grade >= easy_pos_grade (4) |
 | 2 | hard_pos | grade >= hard_pos_grade (3), in BM25's top hard_pos_lexical_top (50), not retrieved by ANN |
-| 3 | hard_neg | grade <= hard_neg_grade (1), retrieved by exactly one channel, within its top hard_neg_top (100) |
+| 3 | hard_neg | grade <= hard_neg_grade (1), retrieved by 1 to hard_neg_max_channels (1) channels, within the top hard_neg_top (100) of one |
 | 4 | token_sim_neg | a mined token-similar negative, grade <= token_sim_neg_grade (1) |
 | 5 | random_neg | a mined random negative, grade <= random_neg_grade (1) |
 
@@ -60,7 +60,8 @@ def assign_tiers(p: PairColumns, cfg: TierConfig) -> np.ndarray:
         in_bm25_top = hit[0] & (ranks[0] <= cfg.hard_pos_lexical_top)
         best_rank = np.where(hit, ranks, np.inf).min(axis=0)
     hard_pos = cand & labeled & (g >= cfg.hard_pos_grade) & in_bm25_top & ~hit[1]
-    hard_neg = cand & labeled & (g <= cfg.hard_neg_grade) & (n_channels == 1) & (best_rank <= cfg.hard_neg_top)
+    hard_neg = (cand & labeled & (g <= cfg.hard_neg_grade) & (n_channels <= cfg.hard_neg_max_channels)
+                & (best_rank <= cfg.hard_neg_top))
     tok = (p.source == "token_sim") & labeled & (g <= cfg.token_sim_neg_grade)
     rnd = (p.source == "random") & labeled & (g <= cfg.random_neg_grade)
     tier = np.zeros(len(g), dtype=np.int8)

@@ -135,16 +135,23 @@ def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
 
 def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
              base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True,
-             hybrid: tuple[str, str] | None = None, qrels: Path | None = None, backend_cfg=None) -> dict:
+             hybrid: tuple[str, str] | None = None, qrels: Path | None = None, backend_cfg=None,
+             speller=None) -> dict:
     """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder.
     ``hybrid`` = (sparse system, dense system): also score their reciprocal-rank fusion as ``hybrid``.
     ``backend_cfg`` (an AssayConfig): dense systems run on its ``models.backend``, as `assay export-index` would
-    serve them (the accuracy guard included); None = PyTorch."""
+    serve them (the accuracy guard included); None = PyTorch. ``speller`` (:class:`assay.spell.Speller`): every
+    system searches with the corrected query text."""
     from assay.mining.run import bm25_index, load_catalog
     from assay.trainer.model import TwoTower
 
     qids, qtexts, segments = eval_queries(store, split)
     catalog = load_catalog(store)
+    corrected = 0
+    if speller is not None:
+        fixed = speller.correct_many(qtexts)
+        corrected = sum(a != b for a, b in zip(fixed, qtexts))
+        qtexts = fixed
     source, judged = judgments(store, qids, catalog.item_ids, qrels)
     results: dict = {}
     ranked_of: dict[str, list[list[str]]] = {}
@@ -177,6 +184,7 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
         results["hybrid"] = {**_score(fused, qids, judged, source, segments, t0), "of": list(hybrid)}
     seg_names, seg_counts = np.unique(segments, return_counts=True)
     return {"split": split, "queries": len(qids), "judgments": source,
+            "spell": {"enabled": speller is not None, "corrected_queries": corrected},
             "segments": {str(s): int(c) for s, c in zip(seg_names, seg_counts)}, "systems": results}
 
 

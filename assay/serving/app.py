@@ -1,7 +1,8 @@
 """`assay serve`: the search API and a search page, one process holding the query tower and the index.
 
 Endpoints:
-- ``POST /search`` ``{"query": str, "k": 1-1000, "mode": "dense" | "hybrid"}`` -> the hits (item id, title, score,
+- ``POST /search`` ``{"query": str, "k": 1-1000, "mode": "dense" | "hybrid"}`` -> the query as searched (spelling
+  corrected against the catalog, assay/spell.py), the hits (item id, title, score,
   source) and the time taken; an empty or oversized query, k outside [1, 1000] or an unknown mode get 422 with the
   reason;
 - ``GET /health`` -> status, index id, items, checkpoint sha;
@@ -36,6 +37,7 @@ PAGE = """<!doctype html>
 <body><h1>assay search</h1>
 <form id="f"><input id="q" name="q" placeholder="search the catalog" autofocus> <button>search</button></form>
 <p class="meta">index __INDEX__ &middot; checkpoint __SHA__ &middot; __N__ items</p>
+<p id="searched" class="meta"></p>
 <div id="cols"></div>
 <script>
 const f = document.getElementById('f');
@@ -47,6 +49,8 @@ async function show(q) {
   const cols = document.getElementById('cols');
   cols.innerHTML = '';
   if (!r.ok) { cols.textContent = JSON.stringify(data.detail); return; }
+  document.getElementById('searched').textContent =
+    data.searched && data.searched !== data.query ? 'searched as: ' + data.searched : '';
   for (const sys of data.systems) {
     const div = document.createElement('div'); div.className = 'col'; div.dataset.system = sys.name;
     const h = document.createElement('h2'); h.textContent = sys.name; div.appendChild(h);
@@ -141,15 +145,17 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
         t0 = time.perf_counter()
         with lock:
             hits = served.search(req.query, req.k, req.mode)
-        return {"query": req.query, "k": req.k, "mode": req.mode, "hits": [h.__dict__ for h in hits],
+        return {"query": req.query, "searched": served.correct(req.query), "k": req.k, "mode": req.mode,
+                "hits": [h.__dict__ for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @app.get("/compare")
     def compare(q: str = Query(..., max_length=max_chars), k: int = Query(10, ge=1, le=100)) -> dict:
         if not q.strip():
             raise HTTPException(status_code=422, detail="the query is empty")
-        q = q.strip()
-        grades = _grades(store, q)
+        typed = q.strip()
+        grades = _grades(store, typed)
+        q = served.correct(typed)  # all three columns search the spelling-corrected text
         with lock:
             bm25 = served.bm25_hits(q, k)
             model, index, ids = base.get()
@@ -165,7 +171,7 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
             {"name": "base encoder", "hits": [_hit(served, i, s, "dense", grades) for i, s in base_hits]},
             {"name": "trained model", "hits": [_hit(served, h.item_id, h.score, h.source, grades) for h in trained]},
         ]
-        return {"query": q, "graded": bool(grades), "systems": systems}
+        return {"query": typed, "searched": q, "graded": bool(grades), "systems": systems}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

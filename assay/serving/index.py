@@ -334,6 +334,13 @@ class Served:
         self.cfg, self.store = cfg, store
         self._bm25 = None
         self._titles: dict[str, str] = {}
+        from assay.spell import for_workspace
+
+        self.speller = for_workspace(cfg, store)  # None when spell.enabled is false
+
+    def correct(self, query: str) -> str:
+        """The query as every system searches it: spelling corrected against the catalog (assay/spell.py)."""
+        return self.speller.correct(query) if self.speller is not None else query
 
     def check_query(self, query: str, k: int, mode: str) -> str:
         q = (query or "").strip()
@@ -356,7 +363,7 @@ class Served:
         return search_index(self.index, q, k, self.model.beta)
 
     def search(self, query: str, k: int = 10, mode: str = "dense") -> list[Hit]:
-        q = self.check_query(query, k, mode)
+        q = self.correct(self.check_query(query, k, mode))
         scores, rows = self.dense([q], k)
         dense = [(str(self.ids[r]), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
         if mode == "dense":

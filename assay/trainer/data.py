@@ -80,8 +80,9 @@ class TrainData:
 
 
 def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_pool: int, seed: int,
-         with_clicks: bool = False, click_min_clicks: int = 1) -> TrainData:
-    """Load everything a training run needs, in a few queries; raises with the missing step named."""
+         with_clicks: bool = False, click_min_clicks: int = 1, speller=None) -> TrainData:
+    """Load everything a training run needs, in a few queries; raises with the missing step named. ``speller``
+    (:class:`assay.spell.Speller`) corrects the query texts, as evaluation and serving do."""
     if store.count("examples") == 0:
         raise ValueError("the workspace has no examples; run `assay curriculum` first (after `assay annotate`)")
     ex = store.query("SELECT query_id, item_id, tier, target, weight, grade, split, run_id FROM examples "
@@ -114,6 +115,8 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
     qset = sorted(set(qids_ex) | set(val_tbl["query_id"]) | set(click_q))
     iset = sorted(set(iids_ex) | set(val_tbl["item_id"]) | set(sample) | set(click_i))
     qtext = dict(store.exec("SELECT query_id, text FROM queries"))
+    if speller is not None:
+        qtext = {q: speller.correct(t) for q, t in qtext.items()}
     items = _item_texts(store, iset)
     q_of = {q: i for i, q in enumerate(qset)}
     i_of = {t: i for i, t in enumerate(iset)}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assay.config import ModelsConfig, TrainConfig
+from assay.config import ModelsConfig, SpellConfig, TrainConfig
 from assay.reporting import img, table_html, write_report
 from assay.store import Store, utcnow
 from assay.text import digest
@@ -47,20 +47,27 @@ def base_model_name(cfg: TrainConfig, models_cfg: ModelsConfig) -> str:
     return cfg.base_model or models_cfg.embedder
 
 
-def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str) -> str:
+def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str, spell: SpellConfig | None = None) -> str:
     from assay import models
 
     base = base_model_name(cfg, models_cfg)
     relevant = cfg.model_dump(mode="json")
     for k in ("eval_every", "checkpoint_every"):  # do not change what is trained
         relevant.pop(k)
-    return digest([json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))])
+    parts = [json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))]
+    if spell is not None and spell.enabled:  # the query text the model learns from
+        parts.append(json.dumps(spell.model_dump(mode="json"), sort_keys=True))
+    return digest(parts)
 
 
-def load_data(cfg: TrainConfig, store: Store, *, with_clicks: bool) -> data_mod.TrainData:
+def load_data(cfg: TrainConfig, store: Store, *, with_clicks: bool, spell: SpellConfig | None = None,
+              models_cfg: ModelsConfig | None = None) -> data_mod.TrainData:
+    from assay.spell import build
+
+    name = base_model_name(cfg, models_cfg or ModelsConfig())
     return data_mod.load(store, val_max_queries=cfg.val_max_queries, val_pool_per_query=cfg.val_pool_per_query,
                          random_pool=cfg.random_pool, seed=cfg.seed, with_clicks=with_clicks,
-                         click_min_clicks=cfg.click_min_clicks)
+                         click_min_clicks=cfg.click_min_clicks, speller=build(spell, name, store))
 
 
 def _new_model(cfg: TrainConfig, models_cfg: ModelsConfig) -> TwoTower:
@@ -72,22 +79,24 @@ def _new_model(cfg: TrainConfig, models_cfg: ModelsConfig) -> TwoTower:
 
 def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stage: int | None = None,
         baseline: str | None = None, progress: bool = True, data: data_mod.TrainData | None = None,
-        dist: Dist | None = None, workspace: Path | None = None, stop_after_steps: int | None = None) -> dict:
+        dist: Dist | None = None, workspace: Path | None = None, stop_after_steps: int | None = None,
+        spell: SpellConfig | None = None) -> dict:
     """Train the curriculum (all stages, or ``stage``) or one baseline. ``store`` is None on ranks > 0 of a
-    distributed run (they pass ``data`` and ``workspace``)."""
+    distributed run (they pass ``data`` and ``workspace``). ``spell``: training and validation queries pass
+    through the catalog speller (assay/spell.py), as they do in evaluation and serving."""
     dist = dist or Dist()
     if baseline is not None and baseline not in BASELINES:
         raise KeyError(f"Unknown baseline {baseline!r}. Available: {list(BASELINES)}")
     if stage is not None and not 1 <= stage <= len(cfg.stages):
         raise ValueError(f"--stage must be 1-{len(cfg.stages)} (train.stages has {len(cfg.stages)} stages)")
     if data is None:
-        data = load_data(cfg, store, with_clicks=baseline == "click")
+        data = load_data(cfg, store, with_clicks=baseline == "click", spell=spell, models_cfg=models_cfg)
     root = Path(workspace or store.root) / "artifacts"
-    key = run_key(cfg, models_cfg, data.examples_run_id)
+    key = run_key(cfg, models_cfg, data.examples_run_id, spell)
     folder = root / "train" / key
     record = store is not None and dist.main
     ctx = store.run("train", {"train": cfg.model_dump(mode="json"), "stage": stage, "baseline": baseline,
-                              "world_size": dist.world}, {"base_model": base_model_name(cfg, models_cfg)}) \
+                              "world_size": dist.world, "spell": spell.model_dump(mode="json") if spell else None}, {"base_model": base_model_name(cfg, models_cfg)}) \
         if record else _NoRun()
     with ctx as run_id:
         model = _new_model(cfg, models_cfg)
@@ -301,17 +310,18 @@ def run_cli(cfg, workspace: Path, *, stage: int | None = None, baseline: str | N
     dist = init_dist(cfg.models.device)
     if not dist.enabled:
         with Store.open(workspace, threads=cfg.store.threads, memory_limit=cfg.store.memory_limit) as store:
-            return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress)
+            return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress,
+                       spell=cfg.spell)
     with Store.open(workspace, read_only=True, threads=cfg.store.threads) as ro:
-        data = load_data(cfg.train, ro, with_clicks=baseline == "click")
+        data = load_data(cfg.train, ro, with_clicks=baseline == "click", spell=cfg.spell, models_cfg=cfg.models)
     dist.barrier()
     try:
         if dist.main:
             with Store.open(workspace, threads=cfg.store.threads, memory_limit=cfg.store.memory_limit) as store:
                 return run(cfg.train, store, cfg.models, stage=stage, baseline=baseline, progress=progress,
-                            data=data, dist=dist)
+                           data=data, dist=dist, spell=cfg.spell)
         run(cfg.train, None, cfg.models, stage=stage, baseline=baseline, progress=False, data=data, dist=dist,
-             workspace=workspace)
+            workspace=workspace, spell=cfg.spell)
         return None
     finally:
         torch.distributed.destroy_process_group()
