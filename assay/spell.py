@@ -74,7 +74,9 @@ class Speller:
         for w in self.counts:
             if len(w) < max(self.min_length - 1, 2):
                 continue
-            for n in (0, 1, 2) if len(w) + 1 >= self.long_length else (0, 1):
+            # a query word two edits away is at least long_length letters; it meets a catalog word at two
+            # deletions from each side only when the catalog word is that long too (shorter ones meet it at one)
+            for n in (0, 1, 2) if len(w) >= self.long_length else (0, 1):
                 for d in _deletes(w, n):
                     self._index.setdefault(d, []).append(w)
         self._memo: dict[str, str] = {}

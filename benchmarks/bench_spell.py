@@ -5,8 +5,8 @@
 
 A simulated catalog of 10k items uses about 1,700 distinct words; a real one of a million items, tens to hundreds
 of thousands. The vocabulary here is synthetic (pronounceable words of 4-12 letters, Zipf-distributed item counts)
-so its size can grow past what the simulator writes. Queries are catalog words with one random edit (half) or
-unchanged catalog words (half).
+so its size can grow past what the simulator writes. Queries are catalog words with one random edit (a quarter), two
+edits (a quarter, words of 8+ letters; one edit for shorter ones) or none (half).
 
 The peer corrects the same words by scanning the whole vocabulary with the same edit-distance function (what the
 symmetric-delete index avoids); both must return the same corrections, which the run checks. Reported: index build
@@ -76,7 +76,8 @@ def main() -> None:
         build = time.perf_counter() - t
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         pool = list(vocab)
-        words = [typo(w, rng) if i % 2 == 0 else w for i, w in enumerate(rng.choice(pool) for _ in range(args.words))]
+        words = [typo(typo(w, rng), rng) if i % 4 == 0 and len(w) >= sp.long_length else typo(w, rng)
+                 if i % 2 == 0 else w for i, w in enumerate(rng.choice(pool) for _ in range(args.words))]
         t = time.perf_counter()
         fixed = [sp.correct_word(w) for w in words]
         ours = len(words) / (time.perf_counter() - t)
