@@ -16,7 +16,8 @@ left alone):
   letters or more; ties go to the word more items use, then alphabetically;
 - an unknown word with no catalog word that close is kept as it is.
 
-Candidates come from a symmetric-delete index (every catalog word with up to two letters deleted), so a lookup
+Candidates come from a symmetric-delete index (every catalog word with one letter deleted, and with two for words
+of ``long_length`` letters or more), so a lookup
 costs a few dictionary probes whatever the catalog's size. The speller never reads the simulator's truth or the
 labels: it is a function of the catalog and the config.
 """
