@@ -154,9 +154,9 @@ STEPS: list[tuple[str, tuple[str, ...], Callable, Callable[[AssayConfig], bool]]
     ("agreement", ("annotate",), _with_store(_agreement), lambda c: True),
     ("curriculum", ("curriculum",), _with_store(_curriculum), lambda c: True),
     ("train", ("train", "models", "spell"), _with_store(_train), lambda c: True),
-    ("baselines", ("train", "pipeline", "spell"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
-    ("export-index", ("serve", "spell"), _with_store(_export), lambda c: c.pipeline.export_index),
-    ("evaluate", ("mining", "spell"), _with_store(_evaluate), lambda c: True),
+    ("baselines", ("train", "pipeline"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
+    ("export-index", ("serve",), _with_store(_export), lambda c: c.pipeline.export_index),
+    ("evaluate", ("mining",), _with_store(_evaluate), lambda c: True),
 ]
 STEP_NAMES = [s[0] for s in STEPS]
 

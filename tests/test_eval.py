@@ -43,17 +43,17 @@ def test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth(curriculu
 
 
 def test_evaluate_searches_with_the_corrected_query_text(curriculum_ws):
-    """With a speller every system gets the corrected text: the count is the test queries it changes, and a
-    speller that changes nothing leaves every metric as it was."""
-    from assay.config import AssayConfig
+    """With the speller every system gets the corrected text: the count is the test queries it changes, and a
+    speller that changes nothing (no word is long enough to correct) leaves every metric as it was."""
+    from assay.config import AssayConfig, SpellConfig
     from assay.eval.retrieval import eval_queries, evaluate
-    from assay.spell import Speller, for_workspace
+    from assay.spell import for_workspace
 
     with Store.open(curriculum_ws) as store:
         sp = for_workspace(AssayConfig(), store)
         texts = eval_queries(store, "test")[1]
-        res = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, speller=sp)
-        same = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, speller=Speller({}))
+        res = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, spell=AssayConfig().spell)
+        same = evaluate(store, {"bm25": "bm25"}, split="test", progress=False, spell=SpellConfig(min_length=1000))
         plain = evaluate(store, {"bm25": "bm25"}, split="test", progress=False)
     assert res["spell"] == {"enabled": True, "corrected_queries": sum(sp.correct(t) != t for t in texts)}
     assert same["spell"]["corrected_queries"] == 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assay.config import BM25Config
+from assay.config import BM25Config, SpellConfig
 from assay.eval.metrics import aggregate, query_metrics
 from assay.store import Store
 
@@ -136,17 +136,20 @@ def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
 def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test", bm25: BM25Config | None = None,
              base_model: str = "all-MiniLM-L6-v2", k: int = K, device: str = "cpu", progress: bool = True,
              hybrid: tuple[str, str] | None = None, qrels: Path | None = None, backend_cfg=None,
-             speller=None) -> dict:
+             spell: SpellConfig | None = None) -> dict:
     """systems: name -> checkpoint path; the values ``"bm25"`` and ``"base"`` name BM25 and the base encoder.
     ``hybrid`` = (sparse system, dense system): also score their reciprocal-rank fusion as ``hybrid``.
     ``backend_cfg`` (an AssayConfig): dense systems run on its ``models.backend``, as `assay export-index` would
-    serve them (the accuracy guard included); None = PyTorch. ``speller`` (:class:`assay.spell.Speller`): every
-    system searches with the corrected query text."""
+    serve them (the accuracy guard included); None = PyTorch. ``spell``: every system searches with the query text
+    corrected by the catalog's speller (assay/spell.py); None or disabled = the text as typed."""
     from assay.mining.run import bm25_index, load_catalog
     from assay.trainer.model import TwoTower
 
     qids, qtexts, segments = eval_queries(store, split)
     catalog = load_catalog(store)
+    from assay.spell import build
+
+    speller = build(spell, base_model, texts=catalog.texts)
     corrected = 0
     if speller is not None:
         fixed = speller.correct_many(qtexts)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from assay.config import AssayConfig
 from assay.eval.retrieval import evaluate
-from assay.spell import for_workspace
 from assay.reporting import bar_png, img, table_html, write_report
 from assay.store import Store, utcnow
 
@@ -42,7 +41,7 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
                        base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
                        progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None,
-                       backend_cfg=cfg, speller=for_workspace(cfg, store))
+                       backend_cfg=cfg, spell=cfg.spell)
         res["run_id"] = run_id
         res["context"] = context(cfg, store)
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"

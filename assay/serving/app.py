@@ -76,8 +76,8 @@ if (q0) { document.getElementById('q').value = q0; show(q0); }
 class _Base:
     """The base encoder over the catalog, for the page's middle column (built on first use)."""
 
-    def __init__(self, cfg: AssayConfig, store: Store):
-        self.cfg, self.store = cfg, store
+    def __init__(self, cfg: AssayConfig, store: Store, served: Served):
+        self.cfg, self.store, self.served = cfg, store, served
         self._lock = threading.Lock()
         self._ready = None
 
@@ -86,13 +86,12 @@ class _Base:
             if self._ready is None:
                 import faiss
 
-                from assay.mining.run import load_catalog
                 from assay.trainer.model import TwoTower
 
                 model = TwoTower.from_base(self.cfg.train.base_model or self.cfg.models.embedder,
                                            device=self.cfg.models.device)
                 model.sha = model.info["base_model_sha"]  # the cache key `assay evaluate` uses for the base encoder
-                catalog = load_catalog(self.store)
+                catalog = self.served.catalog
                 vecs = item_vectors(model, catalog.texts, self.store.artifacts, self.cfg.serve.encode_chunk, False)
                 index = faiss.IndexFlatIP(vecs.shape[1])
                 index.add(vecs)
@@ -106,7 +105,7 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
     from pydantic import BaseModel, Field, field_validator
 
     served = Served(cfg, store, index_id)  # raises on a manifest that does not match its checkpoint
-    base = _Base(cfg, store)
+    base = _Base(cfg, store, served)
     max_chars = cfg.serve.max_query_chars
     lock = threading.Lock()  # one forward pass at a time on the shared model
 

@@ -333,10 +333,21 @@ class Served:
         self.ids = np.asarray(json.loads((self.dir / "ids.json").read_text()), dtype=object)
         self.cfg, self.store = cfg, store
         self._bm25 = None
+        self._catalog = None
         self._titles: dict[str, str] = {}
         from assay.spell import for_workspace
 
-        self.speller = for_workspace(cfg, store)  # None when spell.enabled is false
+        # None when spell.enabled is false; otherwise built at start-up from the catalog BM25 also uses
+        self.speller = for_workspace(self.cfg, texts=self.catalog.texts) if cfg.spell.enabled else None
+
+    @property
+    def catalog(self):
+        """The workspace's catalog (ids and item texts), read once: the speller, BM25 and the page share it."""
+        if self._catalog is None:
+            from assay.mining.run import load_catalog
+
+            self._catalog = load_catalog(self.store)
+        return self._catalog
 
     def correct(self, query: str) -> str:
         """The query as every system searches it: spelling corrected against the catalog (assay/spell.py)."""
@@ -379,12 +390,11 @@ class Served:
         return [Hit(i, self.title(i), round(fused[i], 6), source[i]) for i in top]
 
     def bm25_hits(self, query: str, k: int) -> list[tuple[str, float]]:
-        from assay.mining.run import bm25_index, load_catalog
+        from assay.mining.run import bm25_index
 
         if self._bm25 is None:
-            catalog = load_catalog(self.store)
-            index, _ = bm25_index(self.store, catalog, self.cfg.mining.bm25)
-            self._bm25 = (index, catalog.item_ids)
+            index, _ = bm25_index(self.store, self.catalog, self.cfg.mining.bm25)
+            self._bm25 = (index, self.catalog.item_ids)
         index, ids = self._bm25
         hits = index.search([query], k)
         return [(str(ids[r]), float(s)) for r, s in zip(hits.idx[0], hits.scores[0]) if r >= 0]

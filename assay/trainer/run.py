@@ -96,7 +96,8 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
     folder = root / "train" / key
     record = store is not None and dist.main
     ctx = store.run("train", {"train": cfg.model_dump(mode="json"), "stage": stage, "baseline": baseline,
-                              "world_size": dist.world, "spell": spell.model_dump(mode="json") if spell else None}, {"base_model": base_model_name(cfg, models_cfg)}) \
+                              "world_size": dist.world, "spell": spell.model_dump(mode="json") if spell else None},
+                    {"base_model": base_model_name(cfg, models_cfg)}) \
         if record else _NoRun()
     with ctx as run_id:
         model = _new_model(cfg, models_cfg)
