@@ -422,6 +422,9 @@ class TrainConfig(Section):
                                                   "padding; 0 = one chunk)")
     freeze_word_embeddings: bool = Field(True, description="keep the token embedding matrix fixed (half of MiniLM's "
                                                            "weights; saves optimizer time and memory)")
+    freeze_layers: int = Field(2, ge=0, description="also keep the embedding block and the lowest N transformer "
+                                                   "layers fixed (the backward pass stops above them; 0 = train "
+                                                   "all)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     eval_every: int = Field(50, ge=1, description="validate (and maybe keep a best checkpoint) every N steps")

@@ -12,8 +12,10 @@ to ~60; queries ~6).
   max_seq_length 64, AdamW lr 2e-5;
 - assay: the training loop of `assay train` (``train_phase``: seeded groups of 1 positive + 1 negative, the
   listwise in-batch loss, AdamW lr 2e-5, gradient clipping), batch ``--batch`` queries, items at most 64 tokens,
-  queries at most 32; once with the defaults, once with the token embeddings trainable and once encoding each
-  batch's items as one padded block (``item_chunk 0``), so the table shows where the difference comes from.
+  queries at most 32; once with the defaults, then without each speed lever in turn so the table shows where
+  the difference comes from: all six transformer layers trained (``freeze_layers 0``), nothing frozen (the token
+  embeddings trained too), each batch's items encoded as one padded block (``item_chunk 0``); and once with
+  ``precision bf16`` (bf16 autocast, which pays on CPUs with native bf16 instructions only).
 
 Every configuration runs in its own process (peak memory is that process's maximum resident set: the model,
 the optimizer and the activations; the triplets are built once by the parent), after one
@@ -122,8 +124,10 @@ def run_assay(data, steps: int, batch: int, **over) -> dict:
 CONFIGS = {
     "sentence-transformers MNRL (old_fit)": ("peer", {}),
     "assay train (defaults)": ("assay", {}),
-    "assay, token embeddings trainable": ("assay", {"freeze_word_embeddings": False}),
+    "assay, all layers train": ("assay", {"freeze_layers": 0}),
+    "assay, nothing frozen": ("assay", {"freeze_layers": 0, "freeze_word_embeddings": False}),
     "assay, items as one padded block": ("assay", {"item_chunk": 0}),
+    "assay, precision bf16": ("assay", {"precision": "bf16"}),
 }
 
 

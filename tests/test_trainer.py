@@ -111,6 +111,38 @@ def test_separate_towers_and_multi_head_query(tmp_path):
         assert torch.equal(m2.encode_queries(["sofa", "lamp"]), q)
 
 
+def test_freeze_layers_train_only_the_layers_above(tmp_path):
+    from assay.trainer.data import GroupSampler, GroupSpec, TrainData, ValPool
+    from assay.trainer.loop import PhaseSpec, train_phase
+    from assay.trainer.model import TwoTower
+
+    qs = ["velvet sofa", "oak desk", "floor lamp", "wool rug"]
+    items = ["Velvet Sofa | color: green", "Oak Writing Desk", "Brass Floor Lamp", "Wool Area Rug",
+             "Steel Bucket", "Garden Hose"]
+    n = len(qs)
+    td = TrainData(
+        query_ids=[str(i) for i in range(n)], query_texts=qs, item_ids=[str(i) for i in range(len(items))],
+        item_texts=items, ex_query=np.array(list(range(n)) * 2), ex_item=np.array([0, 1, 2, 3, 4, 5, 4, 5]),
+        ex_tier=np.array([2] * n + [3] * n, dtype=np.int8), ex_target=np.array([1.0] * n + [0.0] * n, np.float32),
+        ex_weight=np.ones(2 * n, np.float32), ex_grade=np.array([4.0] * n + [0.0] * n),
+        ex_split=np.array(["train"] * (2 * n), dtype=object), random_pool=np.arange(len(items)),
+        val=ValPool(np.array([0, 0, 1, 1]), np.array([0, 4, 1, 5]), np.array([4, 0, 4, 0])), examples_run_id="t")
+    model = TwoTower.from_base("all-MiniLM-L6-v2", query_max_length=16, item_max_length=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_queries=4, group_size=2, eval_every=10**6, checkpoint_every=10**6, freeze_layers=2)
+    sampler = GroupSampler(td, GroupSpec((2,), (3,)), batch_queries=4, group_size=2, seed=0, stage=1)
+    train_phase(model, td, PhaseSpec("f", 1, "mnr", 3, 1e-3, sampler), tmp_path / "f", cfg=cfg, start_val=-1.0,
+                progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen = [k for k in before if ".embeddings." in k or ".layer.0." in k or ".layer.1." in k]
+    assert frozen and not changed & set(frozen)
+    assert any(".layer.5." in k for k in changed) and any(".layer.2." in k for k in changed)
+    with pytest.raises(ValueError, match="at least one must train"):
+        train_phase(model, td, PhaseSpec("g", 1, "mnr", 1, 1e-3, sampler), tmp_path / "g",
+                    cfg=cfg.model_copy(update={"freeze_layers": 6}), start_val=-1.0, progress=False)
+
+
 # --------------------------------------------------------------------------- curriculum training
 def test_curriculum_trains_selects_and_records(curriculum_ws):
     from assay.trainer import run as run_train

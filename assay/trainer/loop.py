@@ -226,10 +226,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         return res
     device = str(model.device)
     loss_fn = _make_loss(spec.loss, cfg).to(model.device)
-    if cfg.freeze_word_embeddings:
-        for tower in (model.query_tower, model.item_tower):
-            for p in tower[0].auto_model.get_input_embeddings().parameters():
-                p.requires_grad_(False)
+    freeze_lower(model, cfg.freeze_word_embeddings, cfg.freeze_layers)
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.steps, cfg.warmup_ratio))
@@ -304,6 +301,23 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         shutil.rmtree(state_dir, ignore_errors=True)
     dist.barrier()
     return res
+
+
+def freeze_lower(model: TwoTower, word_embeddings: bool, layers: int) -> None:
+    """Keep the token embedding matrix and/or the embedding block plus the lowest ``layers`` transformer layers of
+    each tower fixed. Frozen lower layers build no autograd graph, so the backward pass stops above them."""
+    for tower in (model.query_tower, model.item_tower):
+        enc = tower[0].auto_model
+        if word_embeddings:
+            enc.get_input_embeddings().weight.requires_grad_(False)
+        if layers > 0:
+            stack = enc.encoder.layer
+            if layers >= len(stack):
+                raise ValueError(f"train.freeze_layers is {layers} but the encoder has {len(stack)} layers; "
+                                 "at least one must train")
+            for m in [enc.embeddings, *stack[:layers]]:
+                for p in m.parameters():
+                    p.requires_grad_(False)
 
 
 def _make_loss(name: str, cfg):
