@@ -511,8 +511,9 @@ def curriculum(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] 
         t.add_row("mean target", *[str(s["target_mean_by_tier"].get(n, "-")) for n in tiers])
         console.print(t)
         console.print(f"grades: {s['by_grade']}; split (examples): {s['by_split']}; queries: {s['queries']}; "
-                      f"{s['in_no_tier']:,} labeled pairs in no tier, {s['capped']:,} over the per-query caps, "
-                      f"{s['human_graded']:,} graded by humans")
+                      f"{s['in_no_tier']:,} labeled pairs in no tier ({s['unsure_positives']:,} positives the "
+                      f"cascade was unsure of, curriculum.tiers.min_pos_prob), {s['capped']:,} over the per-query "
+                      f"caps, {s['human_graded']:,} graded by humans")
         for w in s["warnings"]:
             console.print(f"[yellow]warning:[/] {w}")
     _emit(s, as_json, render)

@@ -325,6 +325,9 @@ class TierConfig(Section):
     hard_neg_max_channels: int = Field(
         1, ge=1, le=3, description="hard_neg: retrieved by at most this many channels (1: exactly one, the design's "
                                    "rule; 2-3 also keep the low-grade pairs that several channels agree on)")
+    min_pos_prob: float = Field(
+        0.5, ge=0, le=1, description="easy_pos / hard_pos: a cascade label also needs calibrated P(grade >= 3) of at "
+                                     "least this (0.5: more likely relevant than not; 0 = off; human grades pass)")
     token_sim_neg_grade: int = Field(1, ge=0, le=4, description="token_sim_neg: highest grade (an unlabeled negative is no example)")
     random_neg_grade: int = Field(1, ge=0, le=4, description="random_neg: highest grade (an unlabeled negative is no example)")
 

@@ -67,6 +67,16 @@ def test_assign_tiers_follows_each_rule():
     assert not wrong, wrong
 
 
+def test_positives_need_the_cascade_to_think_them_relevant():
+    rows = [("candidate", 1, 1, 1, 3, 4), ("candidate", 10, N, N, 3, 3), ("candidate", 10, N, N, 3, 4),
+            ("candidate", N, 5, N, 3, 0)]
+    p_rel = np.array([0.49, 0.3, N, 0.0])  # N: a human grade (or no probabilities): always passes
+    pc = _pairs(rows)._replace(p_relevant=p_rel)
+    assert assign_tiers(pc, TierConfig()).tolist() == [0, 0, 2, 3]  # negatives are not affected
+    assert assign_tiers(pc, TierConfig(min_pos_prob=0.3)).tolist() == [1, 2, 2, 3]
+    assert assign_tiers(pc, TierConfig(min_pos_prob=0)).tolist() == assign_tiers(_pairs(rows), TierConfig()).tolist()
+
+
 def test_assign_tiers_result_does_not_depend_on_neighbouring_rows():
     rows = [r for _, r, _ in RULE_CASES]
     whole = assign_tiers(_pairs(rows), TierConfig())
@@ -302,7 +312,7 @@ WITH act AS (
     SELECT query_id, (count(rank_bm25) > 0)::INT + (count(rank_ann) > 0)::INT + (count(rank_click) > 0)::INT AS n_active
     FROM candidates GROUP BY 1),
 hum AS (SELECT query_id, item_id, min(grade) AS grade FROM human_labels GROUP BY 1, 2),
-lab AS (SELECT query_id, item_id, grade FROM labels WHERE status = 'ok'
+lab AS (SELECT query_id, item_id, grade, probs[4] + probs[5] AS p_rel FROM labels WHERE status = 'ok'
         QUALIFY row_number() OVER (PARTITION BY query_id, item_id ORDER BY created_at DESC NULLS LAST) = 1),
 pairs AS (
     SELECT c.query_id, c.item_id, 'candidate' AS source, rank_bm25, rank_ann, rank_click, n_channels, a.n_active
@@ -310,12 +320,13 @@ pairs AS (
     UNION ALL
     SELECT query_id, item_id, kind, NULL, NULL, NULL, 0, NULL FROM negatives),
 graded AS (
-    SELECT p.*, coalesce(hum.grade, lab.grade) AS grade, hum.grade IS NOT NULL AS human
+    SELECT p.*, coalesce(hum.grade, lab.grade) AS grade, hum.grade IS NOT NULL AS human,
+           hum.grade IS NOT NULL OR lab.p_rel IS NULL OR lab.p_rel >= 0.5 AS sure
     FROM pairs p LEFT JOIN hum USING (query_id, item_id) LEFT JOIN lab USING (query_id, item_id))
 SELECT *, CASE
     WHEN grade IS NULL THEN 0
-    WHEN source = 'candidate' AND grade >= 4 AND n_channels = n_active THEN 1
-    WHEN source = 'candidate' AND grade >= 3 AND rank_bm25 <= 50 AND rank_ann IS NULL THEN 2
+    WHEN source = 'candidate' AND grade >= 4 AND n_channels = n_active AND sure THEN 1
+    WHEN source = 'candidate' AND grade >= 3 AND rank_bm25 <= 50 AND rank_ann IS NULL AND sure THEN 2
     WHEN source = 'candidate' AND grade <= 1 AND n_channels = 1
          AND coalesce(rank_bm25, rank_ann, rank_click) <= 100 THEN 3
     WHEN source = 'token_sim' AND grade <= 1 THEN 4
@@ -356,6 +367,28 @@ def test_run_writes_the_summary_counts(ran):
     assert s.scalar("SELECT count(*) FROM (SELECT 1 FROM examples GROUP BY query_id, item_id HAVING count(*) > 1)") == 0
     assert s.scalar("SELECT status FROM runs WHERE run_id = ?", [summary["run_id"]]) == "ok"
     assert summary["unlabeled"] == 0 and not any("assay annotate" in w for w in summary["warnings"])
+
+
+def test_positives_the_cascade_is_unsure_of_are_counted_and_never_examples(ran):
+    s, first = ran
+    pos = s.exec("""SELECT query_id, item_id FROM examples WHERE tier IN (1, 2) AND grade_source = 'cascade'
+                    ORDER BY query_id, item_id LIMIT 20""")
+    assert len(pos) == 20 and first["unsure_positives"] == 0
+    # the cascade still decides grade 3-4, but puts most of the mass on grades 0-2: P(grade >= 3) = 0.4
+    s.con.executemany("UPDATE labels SET probs = [0.3, 0.2, 0.1, 0.2, 0.2]::FLOAT[5] WHERE query_id = ? AND item_id = ?",
+                      [list(p) for p in pos])
+    summary = run_curriculum(CurriculumConfig(), s)
+    assert summary["unsure_positives"] == 20
+    assert summary["in_no_tier"] == first["in_no_tier"] + 20
+    left = s.scalar("SELECT count(*) FROM examples e JOIN (SELECT unnest(?) AS q, unnest(?) AS i) p "
+                    "ON e.query_id = p.q AND e.item_id = p.i", [[p[0] for p in pos], [p[1] for p in pos]])
+    assert left == 0
+    # and the independent SQL agrees with every row
+    bad = s.exec(f"""SELECT e.query_id FROM examples e LEFT JOIN ({PAIR_TIERS}) p USING (query_id, item_id)
+                     WHERE p.want_tier IS DISTINCT FROM e.tier LIMIT 5""")
+    assert bad == []
+    loose = run_curriculum(CurriculumConfig(tiers=TierConfig(min_pos_prob=0)), s)
+    assert loose["unsure_positives"] == 0 and loose["examples"] == first["examples"]
 
 
 def test_run_rows_obey_each_tier_rule(ran):

@@ -89,8 +89,15 @@ def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict
     labeled = ~np.isnan(grade)
     grade_i = np.where(labeled, grade, -1).astype(np.int64)
     uq, qidx = np.unique(np.array(qids, dtype=object), return_inverse=True)
+    cascade_probs = np.array([p if p is not None else [np.nan] * 5 for p in tbl.column("probs").to_pylist()],
+                             dtype=float).reshape(n, 5)
+    p_rel = np.where(use_human, np.nan, cascade_probs[:, 3] + cascade_probs[:, 4])
     tier = assign_tiers(PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
-                                    _col(tbl, "n_active", np.int64), grade_i), cfg.tiers)
+                                    _col(tbl, "n_active", np.int64), grade_i, p_rel), cfg.tiers)
+    # positives left out because the cascade was unsure they are relevant: the tiers without that rule, less these
+    loose = assign_tiers(PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
+                                     _col(tbl, "n_active", np.int64), grade_i), cfg.tiers)
+    unsure_pos = np.isin(loose, POSITIVE_TIERS) & ~np.isin(tier, POSITIVE_TIERS)
     keys = [f"{q}\x1f{i}" for q, i in zip(qids, iids)]
     keep = cap_per_query(qidx, keys, tier, cfg.max_pos_per_query, cfg.max_neg_per_query, cfg.seed)
     # engagement is normalised over all of a query's mined pairs, not only the kept ones
@@ -98,8 +105,7 @@ def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict
                                                 cfg.targets.engagement), qidx)
     probs = None
     if cfg.targets.relevance == "expected":
-        probs = np.array([p if p is not None and not u else [np.nan] * 5
-                          for p, u in zip(tbl.column("probs").to_pylist(), use_human)], dtype=float).reshape(n, 5)
+        probs = np.where(use_human[:, None], np.nan, cascade_probs)
     k = np.flatnonzero(keep)
     target = graded_targets(grade_i[k], eng[k], _col(tbl, "prior")[k], cfg.targets,
                             probs=None if probs is None else probs[k])
@@ -123,6 +129,7 @@ def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict
     counts = {
         "pairs": n, "labeled": int(labeled.sum()), "unlabeled": int((~labeled).sum()),
         "human_graded": int(use_human.sum()), "in_no_tier": int((labeled & (tier == 0)).sum()),
+        "unsure_positives": int(unsure_pos.sum()),
         "capped": int(((tier > 0) & ~keep).sum()), "examples": int(len(k)),
         "queries": {s: int(len(np.unique(qidx[k][split == s]))) for s in ("train", "val", "test")},
         "by_tier": {TIER_NAMES[t]: int((tiers_k == t).sum()) for t in TIER_NAMES},

@@ -7,6 +7,7 @@ the pair is in no tier. Rules, with every threshold from :class:`assay.config.Ti
 |---|---|---|
 | 1 | easy_pos | a candidate retrieved by every active channel of its query, grade >= easy_pos_grade (4) |
 | 2 | hard_pos | grade >= hard_pos_grade (3), in BM25's top hard_pos_lexical_top (50), not retrieved by ANN |
+| 1-2 | (both) | a cascade label also needs P(grade >= 3) >= min_pos_prob (0.5) from its calibrated probabilities |
 | 3 | hard_neg | grade <= hard_neg_grade (1), retrieved by 1 to hard_neg_max_channels (1) channels, within the top hard_neg_top (100) of one |
 | 4 | token_sim_neg | a mined token-similar negative, grade <= token_sim_neg_grade (1) |
 | 5 | random_neg | a mined random negative, grade <= random_neg_grade (1) |
@@ -45,6 +46,7 @@ class PairColumns(NamedTuple):
     rank_click: np.ndarray
     n_active: np.ndarray    # int: channels active for the pair's query
     grade: np.ndarray       # int, -1 = not labeled
+    p_relevant: np.ndarray | None = None  # float: calibrated P(grade >= 3) of a cascade label; NaN = human / unknown
 
 
 def assign_tiers(p: PairColumns, cfg: TierConfig) -> np.ndarray:
@@ -55,11 +57,14 @@ def assign_tiers(p: PairColumns, cfg: TierConfig) -> np.ndarray:
     hit = ~np.isnan(ranks)
     n_channels = hit.sum(axis=0)
     cand = (p.source == "candidate") & (n_channels > 0)
-    easy = cand & labeled & (n_channels >= np.maximum(p.n_active, 1)) & (g >= cfg.easy_pos_grade)
+    # a positive the cascade itself thinks more likely irrelevant than relevant is no example
+    sure = np.ones(len(g), dtype=bool) if p.p_relevant is None else \
+        ~(np.asarray(p.p_relevant, dtype=float) < cfg.min_pos_prob)
+    easy = cand & labeled & sure & (n_channels >= np.maximum(p.n_active, 1)) & (g >= cfg.easy_pos_grade)
     with np.errstate(invalid="ignore"):
         in_bm25_top = hit[0] & (ranks[0] <= cfg.hard_pos_lexical_top)
         best_rank = np.where(hit, ranks, np.inf).min(axis=0)
-    hard_pos = cand & labeled & (g >= cfg.hard_pos_grade) & in_bm25_top & ~hit[1]
+    hard_pos = cand & labeled & sure & (g >= cfg.hard_pos_grade) & in_bm25_top & ~hit[1]
     hard_neg = (cand & labeled & (g <= cfg.hard_neg_grade) & (n_channels <= cfg.hard_neg_max_channels)
                 & (best_rank <= cfg.hard_neg_top))
     tok = (p.source == "token_sim") & labeled & (g <= cfg.token_sim_neg_grade)
