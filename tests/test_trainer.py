@@ -138,6 +138,9 @@ def test_freeze_layers_train_only_the_layers_above(tmp_path):
     frozen = [k for k in before if ".embeddings." in k or ".layer.0." in k or ".layer.1." in k]
     assert frozen and not changed & set(frozen)
     assert any(".layer.5." in k for k in changed) and any(".layer.2." in k for k in changed)
+    from assay.trainer.loop import _layer_stack
+
+    assert len(_layer_stack(model.item_tower[0].auto_model)) == 6 and _layer_stack(torch.nn.Linear(2, 2)) is None
     with pytest.raises(ValueError, match="at least one must train"):
         train_phase(model, td, PhaseSpec("g", 1, "mnr", 1, 1e-3, sampler), tmp_path / "g",
                     cfg=cfg.model_copy(update={"freeze_layers": 6}), start_val=-1.0, progress=False)
@@ -190,7 +193,7 @@ def test_stage_before_its_predecessor_is_refused(curriculum_ws):
         assert store.count("checkpoints") == 0
 
 
-def test_bad_input_names_the_missing_step(curriculum_ws, tiny_workspace):
+def test_bad_input_names_the_missing_step(curriculum_ws, tiny_workspace, monkeypatch):
     from assay.trainer import run as run_train
 
     with Store.open(tiny_workspace) as store:
@@ -206,6 +209,11 @@ def test_bad_input_names_the_missing_step(curriculum_ws, tiny_workspace):
         store.exec("DELETE FROM engagement")
         with pytest.raises(ValueError, match="engagement"):
             run_train(tiny_cfg(), store, TORCH, baseline="click", progress=False)
+        # bf16 autocast on a CPU without native bf16 (5-7x slower than fp32 there) is refused before any work
+        with monkeypatch.context() as m:
+            m.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+            with pytest.raises(ValueError, match=r"train\.precision is bf16.*no native bf16"):
+                run_train(tiny_cfg(precision="bf16"), store, TORCH, progress=False)
         n_ex = store.count("examples")
     with Store.open(curriculum_ws, read_only=True) as store:
         assert store.count("examples") == n_ex and store.count("checkpoints") == 0

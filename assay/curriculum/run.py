@@ -76,6 +76,17 @@ def _col(tbl: pa.Table, name: str, dtype=float) -> np.ndarray:
     return np.asarray(tbl.column(name).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
+def _probs(col, n: int) -> np.ndarray:
+    """The labels' 5 grade probabilities as an (n, 5) float array, NaN rows where a pair has none."""
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == 5:
+        vals = np.asarray(arr.values.to_numpy(zero_copy_only=False), dtype=float)[arr.offset * 5:(arr.offset + n) * 5]
+        out = vals.reshape(n, 5).copy()
+        out[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = np.nan
+        return out
+    return np.array([p if p is not None else [np.nan] * 5 for p in arr.to_pylist()], dtype=float).reshape(n, 5)
+
+
 def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict]:
     """Pure: the joined pair table (see _PAIRS_SQL) -> (examples rows without run_id, counts)."""
     n = tbl.num_rows
@@ -89,8 +100,7 @@ def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict
     labeled = ~np.isnan(grade)
     grade_i = np.where(labeled, grade, -1).astype(np.int64)
     uq, qidx = np.unique(np.array(qids, dtype=object), return_inverse=True)
-    cascade_probs = np.array([p if p is not None else [np.nan] * 5 for p in tbl.column("probs").to_pylist()],
-                             dtype=float).reshape(n, 5)
+    cascade_probs = _probs(tbl.column("probs"), n)
     p_rel = np.where(use_human, np.nan, cascade_probs[:, 3] + cascade_probs[:, 4])
     tier = assign_tiers(PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
                                     _col(tbl, "n_active", np.int64), grade_i, p_rel), cfg.tiers)

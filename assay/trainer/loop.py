@@ -303,21 +303,40 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
     return res
 
 
+def _layer_stack(enc):
+    """The encoder's list of transformer layers (BERT / MPNet / RoBERTa: encoder.layer, DistilBERT:
+    transformer.layer, others: layers), or None when the architecture is not one of these."""
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
+        obj = enc
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    return None
+
+
 def freeze_lower(model: TwoTower, word_embeddings: bool, layers: int) -> None:
     """Keep the token embedding matrix and/or the embedding block plus the lowest ``layers`` transformer layers of
-    each tower fixed. Frozen lower layers build no autograd graph, so the backward pass stops above them."""
+    each tower fixed. Frozen lower layers build no autograd graph, so the backward pass stops above them. An
+    encoder whose layers are not found trains every layer (with a warning)."""
     for tower in (model.query_tower, model.item_tower):
         enc = tower[0].auto_model
         if word_embeddings:
             enc.get_input_embeddings().weight.requires_grad_(False)
-        if layers > 0:
-            stack = enc.encoder.layer
-            if layers >= len(stack):
-                raise ValueError(f"train.freeze_layers is {layers} but the encoder has {len(stack)} layers; "
-                                 "at least one must train")
-            for m in [enc.embeddings, *stack[:layers]]:
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        if layers <= 0:
+            continue
+        stack = _layer_stack(enc)
+        if stack is None:
+            log.warning("train.freeze_layers: no transformer layer list found in %s; every layer trains",
+                        type(enc).__name__)
+            continue
+        if layers >= len(stack):
+            raise ValueError(f"train.freeze_layers is {layers} but the encoder has {len(stack)} layers; "
+                             "at least one must train")
+        embeddings = getattr(enc, "embeddings", None)
+        for m in ([embeddings] if embeddings is not None else []) + list(stack[:layers]):
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 def _make_loss(name: str, cfg):

@@ -85,6 +85,9 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
     distributed run (they pass ``data`` and ``workspace``). ``spell``: training and validation queries pass
     through the catalog speller (assay/spell.py), as they do in evaluation and serving."""
     dist = dist or Dist()
+    from assay.encode import check_bf16
+
+    check_bf16(cfg.precision, models_cfg.device, "train.precision")
     if baseline is not None and baseline not in BASELINES:
         raise KeyError(f"Unknown baseline {baseline!r}. Available: {list(BASELINES)}")
     if stage is not None and not 1 <= stage <= len(cfg.stages):
