@@ -102,12 +102,11 @@ def build_examples(tbl: pa.Table, cfg: CurriculumConfig) -> tuple[pa.Table, dict
     uq, qidx = np.unique(np.array(qids, dtype=object), return_inverse=True)
     cascade_probs = _probs(tbl.column("probs"), n)
     p_rel = np.where(use_human, np.nan, cascade_probs[:, 3] + cascade_probs[:, 4])
-    tier = assign_tiers(PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
-                                    _col(tbl, "n_active", np.int64), grade_i, p_rel), cfg.tiers)
+    pairs = PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
+                        _col(tbl, "n_active", np.int64), grade_i)
+    tier = assign_tiers(pairs._replace(p_relevant=p_rel), cfg.tiers)
     # positives left out because the cascade was unsure they are relevant: the tiers without that rule, less these
-    loose = assign_tiers(PairColumns(source, _col(tbl, "rank_bm25"), _col(tbl, "rank_ann"), _col(tbl, "rank_click"),
-                                     _col(tbl, "n_active", np.int64), grade_i), cfg.tiers)
-    unsure_pos = np.isin(loose, POSITIVE_TIERS) & ~np.isin(tier, POSITIVE_TIERS)
+    unsure_pos = np.isin(assign_tiers(pairs, cfg.tiers), POSITIVE_TIERS) & ~np.isin(tier, POSITIVE_TIERS)
     keys = [f"{q}\x1f{i}" for q, i in zip(qids, iids)]
     keep = cap_per_query(qidx, keys, tier, cfg.max_pos_per_query, cfg.max_neg_per_query, cfg.seed)
     # engagement is normalised over all of a query's mined pairs, not only the kept ones
