@@ -591,7 +591,18 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
             for name, r in s["systems"].items():
                 t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
             console.print(t)
-        console.print(f"report: {s['report']}")
+        if s.get("comparisons"):
+            from assay.eval.run import COMPARISON_HEADER, comparison_rows
+
+            t = Table(title=f"{s['reference']} minus each system on the same queries: mean difference "
+                            f"[{ctx.cfg.evaluate.confidence:.0%} paired bootstrap interval]")
+            for c in COMPARISON_HEADER:
+                t.add_column(c, justify="left" if c in ("system", "segment") else "right")
+            for row in comparison_rows(s):
+                if row[1] == "all":
+                    t.add_row(*[str(v) for v in row])
+            console.print(t)
+        console.print(f"report: {s['report']} (per-segment comparisons there; per-query values: {s['per_query']})")
     _emit(s, as_json, render)
 
 

@@ -490,6 +490,16 @@ class ServeConfig(Section):
     rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
 
 
+class EvaluateConfig(Section):
+    """`assay evaluate` (docs/training.md, "Evaluation"): how the report compares systems on the same queries."""
+
+    reference: str | None = Field(None, description="the system every other is compared with (paired bootstrap "
+                                                    "over queries); None = curriculum, else the base encoder")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples of the queries per comparison (0 = none)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the reported confidence intervals")
+    seed: int = 5
+
+
 class ExportConfig(Section):
     """`assay export` and the files `assay audit sample` writes (docs/audit.md)."""
 
@@ -539,6 +549,7 @@ class AssayConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     spell: SpellConfig = Field(default_factory=SpellConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)

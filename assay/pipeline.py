@@ -156,7 +156,7 @@ STEPS: list[tuple[str, tuple[str, ...], Callable, Callable[[AssayConfig], bool]]
     ("train", ("train", "models", "spell"), _with_store(_train), lambda c: True),
     ("baselines", ("train", "pipeline"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
     ("export-index", ("serve",), _with_store(_export), lambda c: c.pipeline.export_index),
-    ("evaluate", ("mining",), _with_store(_evaluate), lambda c: True),
+    ("evaluate", ("mining", "evaluate"), _with_store(_evaluate), lambda c: True),
 ]
 STEP_NAMES = [s[0] for s in STEPS]
 

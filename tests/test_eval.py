@@ -40,6 +40,21 @@ def test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth(curriculu
     # two different retrievers do not score identically
     assert res["systems"]["bm25"]["all"]["ndcg@10"] != res["systems"]["base encoder"]["all"]["ndcg@10"]
     assert res["spell"] == {"enabled": False, "corrected_queries": 0}
+    # with no curriculum model, the base encoder is the reference; the paired differences are the per-query ones
+    assert res["reference"] == "base encoder" and set(res["comparisons"]) == {"bm25"}
+    cmp = res["comparisons"]["bm25"]
+    assert set(cmp) == {"all"} | {s for s, n in res["segments"].items() if n >= 2}
+    pq = res["per_query"]
+    assert len(pq["query_id"]) == len(test_q) and len(pq["bm25|ndcg@10"]) == len(test_q)
+    for m in ("ndcg@10", "embarrassing@10", "recall@100"):
+        c = cmp["all"][m]
+        d = np.array(pq[f"base encoder|{m}"], dtype=float) - np.array(pq[f"bm25|{m}"], dtype=float)
+        assert c["queries"] == (~np.isnan(d)).sum() and c["delta"] == pytest.approx(np.nanmean(d), abs=1e-5)
+        assert c["lo"] <= c["delta"] <= c["hi"]
+    assert cmp["all"]["ndcg@10"]["delta"] == pytest.approx(
+        res["systems"]["base encoder"]["all"]["ndcg@10"] - res["systems"]["bm25"]["all"]["ndcg@10"], abs=2e-4)
+    with Store.open(curriculum_ws) as store, pytest.raises(ValueError, match="'curriculum' is not an evaluated"):
+        evaluate(store, {"bm25": "bm25"}, split="test", progress=False, reference="curriculum")
 
 
 def test_evaluate_searches_with_the_corrected_query_text(curriculum_ws):
@@ -94,6 +109,10 @@ def test_evaluate_command_writes_report_and_rejects_missing_split(curriculum_ws,
     assert ctx["cascade"]["decided_by"] == {"fixture": mined} and "training" not in ctx  # nothing trained yet
     html = rep.read_text()
     assert "Training examples per tier and split" in html and "The cascade" in html
+    assert s["reference"] == "base encoder" and "paired bootstrap" in html
+    rows = Path(s["per_query"]).read_text().splitlines()
+    assert rows[0] == "query_id,segment,system,ndcg@10,embarrassing@10,recall@100"
+    assert len(rows) == 1 + 3 * s["queries"]  # every val query for bm25, the base encoder and hybrid
     with Store.open(curriculum_ws, read_only=True) as store:
         assert store.scalar("SELECT status FROM runs WHERE stage = 'evaluate'") == "ok"
     r = CliRunner().invoke(app, ["evaluate", "-w", str(tiny_workspace), "-q"])

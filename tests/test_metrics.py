@@ -15,6 +15,7 @@ from assay.eval.metrics import (
     judged_at_k,
     mean_rerank_ndcg,
     ndcg_at_k,
+    paired_bootstrap,
     query_metrics,
     recall_at_k,
     rerank_ndcg,
@@ -227,3 +228,30 @@ def test_mean_rerank_ndcg_is_fast():
     elapsed = time.perf_counter() - t0
     assert per.shape == (5_000,) and 0.0 < mean < 1.0
     assert elapsed < 1.0, f"mean_rerank_ndcg took {elapsed:.3f}s for 100k pairs"
+
+
+def test_paired_bootstrap_interval_and_probabilities():
+    rng = np.random.default_rng(3)
+    b = rng.random(300)
+    # a is b plus 0.05 on every query: the difference is exact, the interval collapses onto it
+    r = paired_bootstrap(b + 0.05, b, n_boot=500)
+    assert r["queries"] == 300 and r["delta"] == pytest.approx(0.05) and r["lo"] == pytest.approx(0.05)
+    assert r["hi"] == pytest.approx(0.05) and r["p_above_0"] == 1.0 and r["p_below_0"] == 0.0
+    # noise around a small shift: the interval holds the observed mean and widens with the noise
+    noisy = b + 0.01 + rng.normal(0, 0.2, 300)
+    r = paired_bootstrap(noisy, b, n_boot=2000, confidence=0.9)
+    d = noisy - b
+    assert r["delta"] == pytest.approx(d.mean(), abs=1e-5) and r["lo"] < r["delta"] < r["hi"]
+    se = d.std(ddof=1) / np.sqrt(300)  # the normal-theory 90% half-width is 1.645 standard errors
+    assert (r["hi"] - r["lo"]) / 2 == pytest.approx(1.645 * se, rel=0.15)
+    assert 0 < r["p_above_0"] < 1 and r["p_above_0"] + r["p_below_0"] == pytest.approx(1.0)
+    # seeded, symmetric, and a query undefined in either system (NaN) is left out of the pairs
+    assert paired_bootstrap(noisy, b, n_boot=2000, confidence=0.9) == r
+    flip = paired_bootstrap(b, noisy, n_boot=2000, confidence=0.9)
+    assert flip["delta"] == pytest.approx(-r["delta"]) and flip["p_below_0"] == r["p_above_0"]
+    a2, b2 = noisy.copy(), b.copy()
+    a2[:10], b2[10:15] = np.nan, np.nan
+    assert paired_bootstrap(a2, b2, n_boot=100)["queries"] == 285
+    assert math.isnan(paired_bootstrap([np.nan], [1.0])["delta"])
+    with pytest.raises(ValueError, match="same queries"):
+        paired_bootstrap([1.0, 2.0], [1.0])

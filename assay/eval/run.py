@@ -2,8 +2,9 @@
 
 Reads ``checkpoints`` (the newest kept curriculum checkpoint, whose stage is the highest, and the newest of each
 baseline), the ``test`` (or ``val``) queries of ``examples``, and the judgments described in
-:mod:`assay.eval.retrieval`. Writes ``artifacts/reports/eval-<time>/`` (report.json, report.html, PNGs) and
-records the run. Checkpoint selection never reads the simulator's truth; this report is where truth is used.
+:mod:`assay.eval.retrieval`. Writes ``artifacts/reports/eval-<time>/`` (report.json, report.html, PNGs, and
+per_query.csv: every query's NDCG@10, embarrassing rate@10 and recall@100 for every system) and records the run.
+Checkpoint selection never reads the simulator's truth; this report is where truth is used.
 """
 
 from __future__ import annotations
@@ -41,15 +42,55 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
                        base_model=cfg.train.base_model or cfg.models.embedder, device=cfg.models.device,
                        progress=progress, hybrid=("bm25", dense), qrels=Path(qrels) if qrels else None,
-                       backend_cfg=cfg, spell=cfg.spell)
+                       backend_cfg=cfg, spell=cfg.spell, reference=cfg.evaluate.reference,
+                       bootstrap=cfg.evaluate.bootstrap, confidence=cfg.evaluate.confidence, seed=cfg.evaluate.seed)
+        per_query = res.pop("per_query")
         res["run_id"] = run_id
         res["context"] = context(cfg, store)
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
         res["report"] = str(_report(folder, res))
-        (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in ("split", "queries", "judgments",
-                                                                            "segments", "systems")}, indent=1))
+        res["per_query"] = str(_per_query_csv(folder / "per_query.csv", per_query))
+        (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in (
+            "split", "queries", "judgments", "segments", "systems", "reference", "comparisons")}, indent=1))
         store.finish_run(run_id, res)
     return res
+
+
+def _per_query_csv(path: Path, per_query: dict) -> Path:
+    """One row per (query, system): query_id, segment, system, then the compared metrics (empty = undefined)."""
+    import csv
+
+    keys = [k for k in per_query if "|" in k]
+    systems = list(dict.fromkeys(k.split("|")[0] for k in keys))
+    metrics = list(dict.fromkeys(k.split("|")[1] for k in keys))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "segment", "system", *metrics])
+        for r, (q, seg) in enumerate(zip(per_query["query_id"], per_query["segment"])):
+            for s in systems:
+                vals = [per_query[f"{s}|{m}"][r] for m in metrics]
+                w.writerow([q, seg, s, *["" if v is None or v != v else round(float(v), 5) for v in vals]])
+    return path
+
+
+def comparison_rows(res: dict) -> list[list]:
+    """Rows of the comparison table: system, segment, then for each metric the reference's mean difference with
+    its interval and the bootstrap probability that the reference is better (higher NDCG/recall, lower
+    embarrassing rate)."""
+    rows = []
+    for name, by_seg in (res.get("comparisons") or {}).items():
+        for seg, ms in by_seg.items():
+            row = [name, seg, ms["ndcg@10"]["queries"]]
+            for m in ("ndcg@10", "embarrassing@10", "recall@100"):
+                c = ms[m]
+                better = c["p_below_0"] if m.startswith("embarrassing") else c["p_above_0"]
+                row += [f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]", better]
+            rows.append(row)
+    return rows
+
+
+COMPARISON_HEADER = ["system", "segment", "queries", "NDCG@10 diff [CI]", "P(ref better)", "embarrassing@10 diff [CI]",
+                     "P(ref better)", "recall@100 diff [CI]", "P(ref better)"]
 
 
 def context(cfg: AssayConfig, store: Store) -> dict:
@@ -141,5 +182,12 @@ def _report(folder: Path, res: dict) -> Path:
     bar_png(names, [res["systems"][n]["all"]["embarrassing@10"] for n in names], folder / "embarrassing10.png",
             "embarrassing rate@10", "grade-0 share of judged top 10")
     sections.append(("Charts", img("ndcg10.png") + img("embarrassing10.png")))
+    if res.get("comparisons"):
+        sections.append((f"{res['reference']} minus each system, same queries (paired bootstrap over queries)",
+                         f"<p>Mean per-query difference with its confidence interval; P(ref better) is the share "
+                         f"of resamples in which {res['reference']} is better (higher NDCG@10 or recall@100, lower "
+                         f"embarrassing rate). An interval that contains 0 is not a measured difference. "
+                         f"Per-query values: per_query.csv.</p>"
+                         + table_html(COMPARISON_HEADER, comparison_rows(res))))
     sections += _context_sections(folder, res.get("context", {}))
     return write_report(folder, "assay evaluate", res, sections)
