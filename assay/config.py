@@ -417,6 +417,10 @@ class TrainConfig(Section):
     random_negatives: int = Field(32, ge=0, description="random catalog items shared across a batch (mixed loss)")
     mix_alpha: float = Field(0.5, ge=0, le=1, description="DPSR share of negative mass on random items (mixed loss)")
     scale: float = Field(20.0, gt=0, description="softmax scale of the in-batch losses")
+    listwise_min_grade: int = Field(1, ge=0, le=4, description="the in-batch softmax losses (mnr, mixed) give "
+                                    "soft-target mass only to items graded at least this; a grade-0 item is a "
+                                    "negative like the in-batch ones even when the mining prior lifts its target "
+                                    "(0 = mass on every target above 0)")
     triplet_margin: float = Field(0.3, gt=0)
     bce_scale_init: float = Field(20.0, gt=0, description="initial learnable temperature of the BCE loss")
     query_max_length: int = Field(32, ge=4)
@@ -491,7 +495,7 @@ class ServeConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """`assay evaluate` (docs/training.md, "Evaluation"): how the report compares systems on the same queries."""
+    """`assay evaluate` (docs/training.md section 10): how the report compares systems on the same queries."""
 
     reference: str | None = Field(None, description="the system every other is compared with (paired bootstrap "
                                                     "over queries); None = curriculum, else the base encoder")

@@ -111,22 +111,64 @@ def test_separate_towers_and_multi_head_query(tmp_path):
         assert torch.equal(m2.encode_queries(["sofa", "lamp"]), q)
 
 
-def test_freeze_layers_train_only_the_layers_above(tmp_path):
-    from assay.trainer.data import GroupSampler, GroupSpec, TrainData, ValPool
-    from assay.trainer.loop import PhaseSpec, train_phase
-    from assay.trainer.model import TwoTower
+def _four_query_data(neg_target: float = 0.0, neg_grades=(0.0, 0.0, 0.0, 0.0)):
+    """Four train queries, each with a grade-4 hard positive (tier 2) and a hard negative (tier 3) of the given
+    grades and target."""
+    from assay.trainer.data import TrainData, ValPool
 
     qs = ["velvet sofa", "oak desk", "floor lamp", "wool rug"]
     items = ["Velvet Sofa | color: green", "Oak Writing Desk", "Brass Floor Lamp", "Wool Area Rug",
              "Steel Bucket", "Garden Hose"]
     n = len(qs)
-    td = TrainData(
+    return TrainData(
         query_ids=[str(i) for i in range(n)], query_texts=qs, item_ids=[str(i) for i in range(len(items))],
         item_texts=items, ex_query=np.array(list(range(n)) * 2), ex_item=np.array([0, 1, 2, 3, 4, 5, 4, 5]),
-        ex_tier=np.array([2] * n + [3] * n, dtype=np.int8), ex_target=np.array([1.0] * n + [0.0] * n, np.float32),
-        ex_weight=np.ones(2 * n, np.float32), ex_grade=np.array([4.0] * n + [0.0] * n),
+        ex_tier=np.array([2] * n + [3] * n, dtype=np.int8),
+        ex_target=np.array([1.0] * n + [neg_target] * n, np.float32),
+        ex_weight=np.ones(2 * n, np.float32), ex_grade=np.array([4.0] * n + list(neg_grades)),
         ex_split=np.array(["train"] * (2 * n), dtype=object), random_pool=np.arange(len(items)),
         val=ValPool(np.array([0, 0, 1, 1]), np.array([0, 4, 1, 5]), np.array([4, 0, 4, 0])), examples_run_id="t")
+
+
+def test_listwise_losses_give_no_mass_to_grade_0_items():
+    """A grade-0 hard negative whose target the mining prior lifted above 0 would, in an in-batch softmax, be
+    trained to rank above every in-batch item; with listwise_min_grade 1 its target mass is 0, a grade-1 item
+    keeps its own, and the loss equals the one on hand-zeroed targets."""
+    from assay.trainer.data import Batch, GroupSampler, GroupSpec
+    from assay.trainer.loop import Dist, _make_loss, forward_loss
+    from assay.trainer.model import TwoTower
+
+    td = _four_query_data(neg_target=0.04, neg_grades=(0.0, 1.0, 0.0, 1.0))
+    sampler = GroupSampler(td, GroupSpec((2,), (3,)), batch_queries=4, group_size=2, seed=0, stage=2)
+    b = sampler.batch(0)
+    by_pair = {(q, i): g for q, i, g in zip(td.ex_query, td.ex_item, td.ex_grade)}
+    assert [[by_pair[(q, i)] for i in row] for q, row in zip(b.query_idx, b.item_idx)] == b.grades.tolist()
+    lt = b.listwise_targets(1)
+    assert np.array_equal(lt[:, 0], b.targets[:, 0])  # grade-4 positives keep their targets
+    assert np.array_equal(lt[:, 1], np.where(b.grades[:, 1] == 0, 0, 0.04).astype(np.float32))
+    assert b.listwise_targets(0) is b.targets
+    ungraded = Batch(b.query_idx, b.item_idx, b.targets, b.mask, np.full_like(b.grades, np.nan))
+    assert np.array_equal(ungraded.listwise_targets(1), b.targets)  # no grade (click positives): unchanged
+    model = TwoTower.from_base("all-MiniLM-L6-v2", query_max_length=16, item_max_length=32)
+    model.eval()
+    cfg = TrainConfig()
+    loss_fn = _make_loss("mnr", cfg)
+    with torch.no_grad():
+        on = forward_loss(model, loss_fn, "mnr", td, b, np.zeros(0, np.int64), Dist(), listwise_min_grade=1)[0]
+        off = forward_loss(model, loss_fn, "mnr", td, b, np.zeros(0, np.int64), Dist(), listwise_min_grade=0)[0]
+        hand = forward_loss(model, loss_fn, "mnr", td, b._replace(targets=lt), np.zeros(0, np.int64), Dist())[0]
+        bce = _make_loss("bce", cfg)  # pointwise: the lifted target stays
+        pw = forward_loss(model, bce, "bce", td, b, np.zeros(0, np.int64), Dist(), listwise_min_grade=1)[0]
+        pw0 = forward_loss(model, bce, "bce", td, b, np.zeros(0, np.int64), Dist(), listwise_min_grade=0)[0]
+    assert torch.isclose(on, hand) and not torch.isclose(on, off) and torch.equal(pw, pw0)
+
+
+def test_freeze_layers_train_only_the_layers_above(tmp_path):
+    from assay.trainer.data import GroupSampler, GroupSpec
+    from assay.trainer.loop import PhaseSpec, train_phase
+    from assay.trainer.model import TwoTower
+
+    td = _four_query_data()
     model = TwoTower.from_base("all-MiniLM-L6-v2", query_max_length=16, item_max_length=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(batch_queries=4, group_size=2, eval_every=10**6, checkpoint_every=10**6, freeze_layers=2)

@@ -38,6 +38,16 @@ class Batch(NamedTuple):
     item_idx: np.ndarray   # (B, G), -1 = padding
     targets: np.ndarray    # (B, G) float32
     mask: np.ndarray       # (B, G) bool
+    grades: np.ndarray | None = None  # (B, G) float32 label grade, NaN = none (padding, click positives)
+
+    def listwise_targets(self, min_grade: int) -> np.ndarray:
+        """Targets for the in-batch softmax losses: an item graded below ``min_grade`` gets none of the soft-target
+        mass, whatever its target (a mining prior lifts grade-0 targets a little above 0, which in a softmax would
+        rank it above every in-batch item); items without a grade keep theirs."""
+        if self.grades is None or min_grade <= 0:
+            return self.targets
+        low = ~np.isnan(self.grades) & (np.nan_to_num(self.grades, nan=np.inf) < min_grade)
+        return np.where(low, 0.0, self.targets).astype(np.float32)
 
 
 @dataclass
@@ -194,6 +204,7 @@ class GroupSampler:
         qs = np.full(self.B, -1, dtype=np.int64)
         items = np.full((self.B, self.G), -1, dtype=np.int64)
         targets = np.zeros((self.B, self.G), dtype=np.float32)
+        grades = np.full((self.B, self.G), np.nan, dtype=np.float32)
         used: dict[GroupSpec, set] = {}
         d = self.data
         for b, spec in enumerate(specs):
@@ -218,8 +229,9 @@ class GroupSampler:
             items[b, :len(ex)] = d.ex_item[ex]
             t = (d.ex_grade[ex] >= 3).astype(np.float32) if spec.binary else d.ex_target[ex]
             targets[b, :len(ex)] = t
+            grades[b, :len(ex)] = d.ex_grade[ex]
         sel = slice(rank, None, world)
-        return Batch(qs[sel], items[sel], targets[sel], items[sel] >= 0)
+        return Batch(qs[sel], items[sel], targets[sel], items[sel] >= 0, grades[sel])
 
     def random_items(self, step: int, n: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.stage, step, 1])

@@ -173,8 +173,9 @@ def encode_by_length(fn, texts: list[str], chunk: int) -> torch.Tensor:
 
 
 def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batch: Batch, rand_items: np.ndarray,
-                 dist: Dist, item_chunk: int = 32) -> tuple[torch.Tensor, int]:
-    """Encode one (local) batch and return (loss, in-batch columns seen by each query)."""
+                 dist: Dist, item_chunk: int = 32, listwise_min_grade: int = 0) -> tuple[torch.Tensor, int]:
+    """Encode one (local) batch and return (loss, in-batch columns seen by each query). The in-batch softmax
+    losses (mnr, mixed) read :meth:`Batch.listwise_targets` with ``listwise_min_grade``."""
     B, G = batch.item_idx.shape
     dev = model.device
     q = model.encode_queries([data.query_texts[i] for i in batch.query_idx])
@@ -185,7 +186,8 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
     items = torch.zeros(B * G, enc.shape[1], dtype=enc.dtype, device=dev)
     items[torch.as_tensor(np.flatnonzero(valid), device=dev)] = enc[torch.as_tensor(inv, device=dev)]
     mask = torch.as_tensor(batch.mask, device=dev)
-    targets = torch.as_tensor(batch.targets, device=dev)
+    listwise = loss_name in ("mnr", "mixed")
+    targets = torch.as_tensor(batch.listwise_targets(listwise_min_grade) if listwise else batch.targets, device=dev)
     ids_all = flat
     mask_all = mask.reshape(-1)
     if dist.enabled:  # local items first, then every other rank's, so own columns stay at b*G+g
@@ -262,7 +264,8 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         batch = spec.sampler.batch(step, dist.rank, dist.world)
         rand = spec.sampler.random_items(step, spec.random_negatives) if spec.loss == "mixed" else np.zeros(0, np.int64)
         with _autocast(device, cfg.precision):
-            loss, cols = forward_loss(model, loss_fn, spec.loss, data, batch, rand, dist, cfg.item_chunk)
+            loss, cols = forward_loss(model, loss_fn, spec.loss, data, batch, rand, dist, cfg.item_chunk,
+                                      cfg.listwise_min_grade)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if dist.enabled:
