@@ -591,19 +591,29 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
             for name, r in s["systems"].items():
                 t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
             console.print(t)
-        if s.get("comparisons"):
-            from assay.eval.run import COMPARISON_HEADER, comparison_rows
-
-            t = Table(title=f"{s['reference']} minus each system on the same queries: mean difference "
-                            f"[{ctx.cfg.evaluate.confidence:.0%} paired bootstrap interval]")
-            for c in COMPARISON_HEADER:
-                t.add_column(c, justify="left" if c in ("system", "segment") else "right")
-            for row in comparison_rows(s):
-                if row[1] == "all":
-                    t.add_row(*[str(v) for v in row])
-            console.print(t)
+        _render_comparisons(s)
         console.print(f"report: {s['report']} (per-segment comparisons there; per-query values: {s['per_query']})")
     _emit(s, as_json, render)
+
+
+def _render_comparisons(ev: dict) -> None:
+    """The reference system minus every other on all queries, with the paired bootstrap interval."""
+    if not ev.get("comparisons"):
+        return
+    t = Table(title=f"{ev['reference']} minus each system, same queries: difference [{ev.get('confidence', 0.95):.0%} "
+                    f"paired bootstrap interval] P({ev['reference']} better)")
+    t.add_column("system")
+    metrics = ("ndcg@10", "embarrassing@10")
+    for m in metrics:
+        t.add_column(m, justify="right", no_wrap=True)
+    for name, by_seg in ev["comparisons"].items():
+        cells = []
+        for m in metrics:
+            c = by_seg["all"][m]
+            p = c["p_below_0"] if m.startswith("embarrassing") else c["p_above_0"]
+            cells.append(f"{c['delta']:+.3f} [{c['lo']:+.3f},{c['hi']:+.3f}] {p:.2f}")
+        t.add_row(name, *cells)
+    console.print(t)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -712,6 +722,7 @@ def _render_headline(ev: dict) -> None:
         t.add_row(name, *[f"{m[sg]['ndcg@10']:.4f} / {m[sg]['embarrassing@10']:.4f}" if sg in m else "-"
                           for sg in segs])
     console.print(t)
+    _render_comparisons(ev)
     console.print(f"report: {ev['report']}")
 
 

@@ -151,3 +151,21 @@ def test_hybrid_and_qrels_in_the_evaluation(curriculum_ws, tmp_path):
     assert res["judgments"] == "qrels (qrels.txt)" and res["systems"]["hybrid"]["of"] == ["bm25", "base encoder"]
     folder = Path(res["report"]).parent
     assert json.loads((folder / "metrics.json").read_text())["systems"].keys() == res["systems"].keys()
+
+
+def test_cli_prints_the_comparison_with_the_reference_named(capsys):
+    from assay import cli
+    from assay.eval.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(50), rng.random(50)
+    c = {"ndcg@10": paired_bootstrap(a, b), "embarrassing@10": paired_bootstrap(b, a),
+         "recall@100": paired_bootstrap(a, a)}
+    cli._render_comparisons({"reference": "curriculum", "confidence": 0.9, "comparisons": {"bm25": {"all": c}}})
+    out = capsys.readouterr().out
+    assert "curriculum minus each system" in out and "90%" in out and "bm25" in out
+    assert f"{c['ndcg@10']['delta']:+.3f} [{c['ndcg@10']['lo']:+.3f},{c['ndcg@10']['hi']:+.3f}] " \
+           f"{c['ndcg@10']['p_above_0']:.2f}" in out
+    assert f"{c['embarrassing@10']['p_below_0']:.2f}" in out  # lower is better for the embarrassing rate
+    cli._render_comparisons({"comparisons": {}})
+    assert capsys.readouterr().out == ""

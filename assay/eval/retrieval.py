@@ -206,7 +206,7 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
     return {"split": split, "queries": len(qids), "judgments": source,
             "spell": {"enabled": speller is not None, "corrected_queries": corrected},
             "segments": {str(s): int(c) for s, c in zip(seg_names, seg_counts)}, "systems": results,
-            "reference": ref if comparisons else None, "comparisons": comparisons,
+            "reference": ref if comparisons else None, "confidence": confidence, "comparisons": comparisons,
             "per_query": {"query_id": qids, "segment": list(segments),
                           **{f"{n}|{m}": [r.get(m) for r in rows] for n, rows in per_query.items() for m in COMPARED}}}
 

@@ -50,8 +50,8 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
         res["report"] = str(_report(folder, res))
         res["per_query"] = str(_per_query_csv(folder / "per_query.csv", per_query))
-        (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in (
-            "split", "queries", "judgments", "segments", "systems", "reference", "comparisons")}, indent=1))
+        keys = ("split", "queries", "judgments", "segments", "systems", "reference", "confidence", "comparisons")
+        (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in keys}, indent=1))
         store.finish_run(run_id, res)
     return res
 
