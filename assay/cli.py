@@ -600,6 +600,8 @@ def _render_comparisons(ev: dict) -> None:
     """The reference system minus every other on all queries, with the paired bootstrap interval."""
     if not ev.get("comparisons"):
         return
+    from assay.eval.run import p_better
+
     t = Table(title=f"{ev['reference']} minus each system, same queries: difference [{ev.get('confidence', 0.95):.0%} "
                     f"paired bootstrap interval] P({ev['reference']} better)")
     t.add_column("system")
@@ -610,8 +612,7 @@ def _render_comparisons(ev: dict) -> None:
         cells = []
         for m in metrics:
             c = by_seg["all"][m]
-            p = c["p_below_0"] if m.startswith("embarrassing") else c["p_above_0"]
-            cells.append(f"{c['delta']:+.3f} [{c['lo']:+.3f},{c['hi']:+.3f}] {p:.2f}")
+            cells.append(f"{c['delta']:+.3f} [{c['lo']:+.3f},{c['hi']:+.3f}] {p_better(m, c):.2f}")
         t.add_row(name, *cells)
     console.print(t)
 

@@ -220,16 +220,12 @@ def compare(per_query: dict[str, list[dict]], reference: str, segments: list[str
     seg = np.asarray(segments, dtype=object)
     groups = {"all": np.ones(len(seg), dtype=bool)}
     groups.update({str(s): seg == s for s in dict.fromkeys(segments) if (seg == s).sum() >= 2})
-    def col(name, m):
-        return np.array([np.nan if r.get(m) is None else float(r[m]) for r in per_query[name]])
-    out: dict = {}
-    for name in per_query:
-        if name == reference:
-            continue
-        out[name] = {g: {m: paired_bootstrap(col(reference, m)[mask], col(name, m)[mask], n_boot=n_boot,
-                                             confidence=confidence, seed=seed) for m in COMPARED}
-                     for g, mask in groups.items()}
-    return out
+    cols = {(name, m): np.array([np.nan if r.get(m) is None else float(r[m]) for r in rows])
+            for name, rows in per_query.items() for m in COMPARED}
+    return {name: {g: {m: paired_bootstrap(cols[reference, m][mask], cols[name, m][mask], n_boot=n_boot,
+                                           confidence=confidence, seed=seed) for m in COMPARED}
+                   for g, mask in groups.items()}
+            for name in per_query if name != reference}
 
 
 def _score(ranked_lists: list[list[str]], qids: list[str], judged: dict, source: str, segments: list[str],

@@ -73,6 +73,12 @@ def _per_query_csv(path: Path, per_query: dict) -> Path:
     return path
 
 
+def p_better(metric: str, c: dict) -> float:
+    """The bootstrap probability that the reference is better on ``metric``: a lower embarrassing rate, a
+    higher anything else."""
+    return c["p_below_0"] if metric.startswith("embarrassing") else c["p_above_0"]
+
+
 def comparison_rows(res: dict) -> list[list]:
     """Rows of the comparison table: system, segment, then for each metric the reference's mean difference with
     its interval and the bootstrap probability that the reference is better (higher NDCG/recall, lower
@@ -83,8 +89,7 @@ def comparison_rows(res: dict) -> list[list]:
             row = [name, seg, ms["ndcg@10"]["queries"]]
             for m in ("ndcg@10", "embarrassing@10", "recall@100"):
                 c = ms[m]
-                better = c["p_below_0"] if m.startswith("embarrassing") else c["p_above_0"]
-                row += [f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]", better]
+                row += [f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]", p_better(m, c)]
             rows.append(row)
     return rows
 
