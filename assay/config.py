@@ -437,6 +437,9 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=1, description="validate (and maybe keep a best checkpoint) every N steps")
     checkpoint_every: int = Field(50, ge=1, description="resumable state every N steps")
     min_improvement: float = Field(0.0, ge=0, description="validation NDCG@10 gain a stage needs to be kept")
+    val_bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of each phase's validation gain "
+                                                       "over the validation queries (reported; 0 = off)")
+    val_confidence: float = Field(0.95, gt=0, lt=1, description="interval of the reported validation gain")
     val_max_queries: int = Field(200, ge=1, description="validation queries scored per evaluation")
     val_pool_per_query: int = Field(40, ge=2, description="labeled pairs re-ranked per validation query (a seeded "
                                                           "sample of its labeled mined pairs)")

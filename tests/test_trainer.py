@@ -188,6 +188,19 @@ def test_freeze_layers_train_only_the_layers_above(tmp_path):
                     cfg=cfg.model_copy(update={"freeze_layers": 6}), start_val=-1.0, progress=False)
 
 
+def test_val_gain_pairs_validation_queries_and_can_be_off():
+    from assay.trainer.loop import val_gain
+
+    best, start = [0.9, 0.8, None, 0.7], [0.8, 0.8, None, 0.6]  # None: a query whose pool has no gain
+    g = val_gain(best, start, TrainConfig(val_bootstrap=500))
+    assert g["queries"] == 3 and g["delta"] == pytest.approx(0.2 / 3, abs=1e-4)
+    assert 0 <= g["lo"] <= g["delta"] <= g["hi"] <= 0.1 + 1e-9  # every paired difference is 0 or 0.1
+    assert g["p_below_0"] == 0 and 0.9 < g["p_above_0"] < 1  # a resample of only the tied query has mean 0
+    assert val_gain(start, best, TrainConfig(val_bootstrap=500))["delta"] == pytest.approx(-g["delta"])
+    assert val_gain(best, start, TrainConfig(val_bootstrap=0)) is None
+    assert val_gain(best, None, TrainConfig()) is None and val_gain(best, start[:2], TrainConfig()) is None
+
+
 # --------------------------------------------------------------------------- curriculum training
 def test_curriculum_trains_selects_and_records(curriculum_ws):
     from assay.trainer import run as run_train
@@ -206,11 +219,32 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
             assert p["exports"] == "onnx-int8"
             assert (curriculum_ws / "artifacts" / "onnx" / f"twotower-query-{sha[:16]}-onnx-int8" / "model.onnx").exists()
             prev = p["best_val"]
+        # how sure validation is of the best step's gain (kept or not): paired over the same validation queries
+        g, top = p["gain"], max(h["val_ndcg10"] for h in p["history"])
+        assert len(p["best_per_query"]) == s["data"]["val_queries"]  # None: a pool with no gain, left out
+        assert g["queries"] == sum(x is not None for x in p["best_per_query"])
+        assert g["delta"] == pytest.approx(top - p["start_val"], abs=1e-4)
+        assert g["lo"] <= g["delta"] <= g["hi"] and 0 <= g["p_above_0"] <= 1
+        assert (g["delta"] > 0) == p["improved"]
+    assert [r.get("gain") for r in s["ablation"][1:4]] == [p["gain"] for p in s["phases"].values()]
     kept = [r for r in rows if r["kept"]]
     assert len(kept) == sum(p["improved"] for p in s["phases"].values())
     assert [r["model"] for r in s["ablation"]][:4] == ["base encoder", "stage 1", "stage 1+2", "stage 1+2+3"]
     assert s["ablation"][-1]["val_ndcg10"] == pytest.approx(prev, abs=1e-5)
     assert Path(s["report"]).exists() and (Path(s["report"]).parent / "curves.png").stat().st_size > 1000
+    # the command prints each stage's validation gain with its interval in the ablation table
+    import re
+
+    from typer.testing import CliRunner
+
+    from assay.cli import app
+
+    r = CliRunner().invoke(app, ["train", "-w", str(curriculum_ws), "-q", *[a for x in TINY_SET for a in ("--set", x)]],
+                           env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    gains = re.findall(r"stage 1[+23]* +│ 0\.\d{4} +│ \d+ +│ [+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] P [01]\.\d\d",
+                       r.output)
+    assert len(gains) == 3, r.output
 
 
 def test_stage_without_gain_is_skipped_and_next_starts_from_previous_best(curriculum_ws):
@@ -222,6 +256,7 @@ def test_stage_without_gain_is_skipped_and_next_starts_from_previous_best(curric
         s = run_train(tiny_cfg(stages=stages), store, TORCH, progress=False)
     p1, p2, p3 = (s["phases"][f"stage{k}"] for k in (1, 2, 3))
     assert not p2["improved"] and "stage 1+2" in s["skipped_stages"]
+    assert p2["gain"]["delta"] == pytest.approx(0, abs=1e-6)  # reported for a skipped stage too
     best_before_3 = p1["best_val"] if p1["improved"] else s["base_val_ndcg10"]
     assert p3["start_val"] == pytest.approx(best_before_3, abs=1e-5)
 
@@ -272,6 +307,8 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         p = s["phases"][f"baseline-{b}"]
         assert p["steps"] == 12  # the stages' 4 + 4 + 4
         assert p["loss"] == "mnr" and p["inbatch_columns"] == 4 * 3
+        # a baseline's validation gain is against the base encoder, on the same validation queries
+        assert p["gain"]["delta"] == pytest.approx(p["vs_base_encoder"], abs=1e-4)
     models = [r["model"] for r in out["graded"]["ablation"]]
     assert {"baseline click", "baseline binary", "baseline graded"} <= set(models)
     assert {n for (n,) in names} <= {"baseline-click", "baseline-binary", "baseline-graded"}

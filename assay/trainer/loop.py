@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from assay.eval.metrics import mean_rerank_ndcg
+from assay.eval.metrics import mean_rerank_ndcg, paired_bootstrap
 from assay.trainer.data import Batch, TrainData
 from assay.trainer.losses import get_loss
 from assay.trainer.model import TwoTower, pair_scores
@@ -111,16 +111,19 @@ class PhaseResult:
     seconds: float = 0.0
     inbatch_columns: int = 0
     resumed_from: int = 0
+    best_per_query: list | None = None  # validation NDCG@10 per validation query at the best evaluated step
+    gain: dict | None = None  # that step minus the start, paired over validation queries (see val_gain)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def validate(model: TwoTower, data: TrainData, batch_size: int = 128) -> float:
-    """Mean NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades)."""
+def validate_per_query(model: TwoTower, data: TrainData, batch_size: int = 128) -> np.ndarray:
+    """NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades), one value
+    per validation query in ascending query order (NaN where the pool has no gain)."""
     v = data.val
     if not len(v.grade):
-        return float("nan")
+        return np.empty(0, dtype=np.float64)
     was = model.training
     model.eval()
     with torch.inference_mode():
@@ -135,8 +138,34 @@ def validate(model: TwoTower, data: TrainData, batch_size: int = 128) -> float:
             s = pair_scores(q[torch.as_tensor(q_inv[sl])], it[torch.as_tensor(i_inv[sl])], model.beta)
             scores[sl] = s.cpu().numpy()
     model.train(was)
-    mean, _ = mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)
-    return float(mean)
+    return mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)[1]
+
+
+def mean_ndcg(per_query: np.ndarray) -> float:
+    """Mean over the queries with a defined NDCG (NaN if none)."""
+    ok = ~np.isnan(per_query)
+    return float(per_query[ok].mean()) if ok.any() else float("nan")
+
+
+def as_list(per_query: np.ndarray | None) -> list | None:
+    """Per-query values as JSON (None for NaN), for done.json and the resumable state."""
+    return None if per_query is None else [None if x != x else round(float(x), 6) for x in per_query]
+
+
+def validate(model: TwoTower, data: TrainData, batch_size: int = 128) -> float:
+    """Mean NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades)."""
+    return mean_ndcg(validate_per_query(model, data, batch_size))
+
+
+def val_gain(best: list | None, start: list | None, cfg) -> dict | None:
+    """How sure validation is of a phase's gain: the paired bootstrap (``train.val_bootstrap`` resamples,
+    ``train.val_confidence`` interval) of best minus start NDCG@10 over the validation queries, with
+    ``p_above_0``, the share of resamples in which the phase is better. None when either side is unknown or
+    ``val_bootstrap`` is 0."""
+    if best is None or start is None or len(best) != len(start) or not len(best) or not cfg.val_bootstrap:
+        return None
+    return paired_bootstrap(np.asarray(best, float), np.asarray(start, float), n_boot=cfg.val_bootstrap,
+                            confidence=cfg.val_confidence, seed=cfg.seed)
 
 
 def _autocast(device: str, precision: str):
@@ -216,9 +245,11 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
 
 
 def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path, *, cfg, start_val: float,
-                dist: Dist = Dist(), progress: bool = True, stop_after_steps: int | None = None) -> PhaseResult:
+                dist: Dist = Dist(), progress: bool = True, stop_after_steps: int | None = None,
+                start_per_query: list | None = None) -> PhaseResult:
     """Train one phase from ``model``'s current weights. Returns its result; leaves the best weights in ``model``
-    (or the starting weights when no validation beat ``start_val``)."""
+    (or the starting weights when no validation beat ``start_val``). ``start_per_query``: the starting model's
+    per-query validation NDCG@10, for the interval of the phase's gain (``PhaseResult.gain``)."""
     folder = Path(folder)
     done = folder / "done.json"
     if done.exists():  # finished earlier (a resumed `assay train`): load its best and return its result
@@ -234,7 +265,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.steps, cfg.warmup_ratio))
     start_state = copy.deepcopy(model.state_dict())
     best_val, best_step, history, step = start_val, 0, [], 0
-    best_state = None
+    best_state, best_pq, top_val = None, None, float("-inf")  # top: the best evaluated step, kept or not
     state_dir = folder / "state"
     latest = state_dir / "latest.json"
     resumed_from = 0
@@ -247,6 +278,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         sched.load_state_dict(ck["sched"])
         loss_fn.load_state_dict(ck["loss"])
         step, best_val, best_step, history = meta["step"], meta["best_val"], meta["best_step"], meta["history"]
+        best_pq, top_val = meta.get("best_per_query"), meta.get("top_val", float("-inf"))
         if (folder / "best-state.pt").exists() and best_step:
             best_state = torch.load(folder / "best-state.pt", weights_only=True)
         resumed_from = step
@@ -279,9 +311,12 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{rate:.0f}")
         if step % cfg.eval_every == 0 or step == spec.steps:
-            val = dist.broadcast_float(validate(model, data) if dist.main else 0.0)
+            pq = validate_per_query(model, data) if dist.main else None
+            val = dist.broadcast_float(mean_ndcg(pq) if dist.main else 0.0)
             history.append({"step": step, "loss": round(float(loss.item()), 5), "val_ndcg10": round(val, 5)})
             log.info("%s step %d: loss %.4f, val NDCG@10 %.4f (best %.4f)", spec.name, step, loss.item(), val, best_val)
+            if val > top_val:
+                top_val, best_pq = val, as_list(pq)
             if val > best_val:
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
@@ -289,13 +324,15 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
                     _atomic_torch_save(best_state, folder / "best-state.pt")
         if step % cfg.checkpoint_every == 0 and step < spec.steps and dist.main:
             _save_state(state_dir, step, model, opt, sched, loss_fn,
-                        {"best_val": best_val, "best_step": best_step, "history": history})
+                        {"best_val": best_val, "best_step": best_step, "history": history, "best_per_query": best_pq,
+                         "top_val": top_val})
     bar.close()
     seconds = time.perf_counter() - t0
     improved = best_state is not None and best_val > start_val + cfg.min_improvement
     model.load_state_dict(best_state if improved else start_state)
     res = PhaseResult(spec.name, round(start_val, 5), round(best_val, 5), best_step, spec.steps, bool(improved),
-                      history, round(seen / max(seconds, 1e-9), 2), round(seconds, 1), cols, resumed_from)
+                      history, round(seen / max(seconds, 1e-9), 2), round(seconds, 1), cols, resumed_from, best_pq,
+                      val_gain(best_pq, start_per_query, cfg) if dist.main else None)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = done.with_suffix(".tmp")

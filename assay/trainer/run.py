@@ -34,7 +34,7 @@ from assay.store import Store, utcnow
 from assay.text import digest
 from assay.trainer import data as data_mod
 from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
-from assay.trainer.loop import Dist, PhaseSpec, train_phase, validate
+from assay.trainer.loop import Dist, PhaseSpec, as_list, mean_ndcg, train_phase, validate_per_query
 from assay.trainer.model import TwoTower
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str, spell
 
     base = base_model_name(cfg, models_cfg)
     relevant = cfg.model_dump(mode="json")
-    for k in ("eval_every", "checkpoint_every"):  # do not change what is trained
+    for k in ("eval_every", "checkpoint_every", "val_bootstrap", "val_confidence"):  # do not change what is trained
         relevant.pop(k)
     parts = [json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))]
     if spell is not None and spell.enabled:  # the query text the model learns from
@@ -104,11 +104,13 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
         if record else _NoRun()
     with ctx as run_id:
         model = _new_model(cfg, models_cfg)
-        base_val = _base_val(folder, model, data, dist)
+        base_val, base_pq = _base_val(folder, model, data, dist)
         if baseline is not None:
-            phases = [_train_baseline(cfg, baseline, model, data, folder, base_val, dist, progress, stop_after_steps)]
+            phases = [_train_baseline(cfg, baseline, model, data, folder, (base_val, base_pq), dist, progress,
+                                      stop_after_steps)]
         else:
-            phases = _train_curriculum(cfg, model, data, folder, base_val, stage, dist, progress, stop_after_steps)
+            phases = _train_curriculum(cfg, model, data, folder, (base_val, base_pq), stage, dist, progress,
+                                       stop_after_steps)
         summary = {"run_id": run_id, "key": key, "folder": str(folder), "world_size": dist.world,
                    "data": data.summary(), "base_val_ndcg10": base_val,
                    "phases": {p["name"]: p for p in phases}}
@@ -144,15 +146,20 @@ class _NoRun:
         return False
 
 
-def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> float:
+def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> tuple[float, list | None]:
+    """The base encoder's validation NDCG@10 and its per-query values (None for a folder from before they were
+    kept), computed once per training folder."""
     f = folder / "base.json"
     if f.exists():
-        return json.loads(f.read_text())["val_ndcg10"]
-    val = dist.broadcast_float(validate(model, data) if dist.main else 0.0)
+        d = json.loads(f.read_text())
+        return d["val_ndcg10"], d.get("per_query")
+    pq = validate_per_query(model, data) if dist.main else None
+    val = dist.broadcast_float(mean_ndcg(pq) if dist.main else 0.0)
+    per_query = as_list(pq)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"val_ndcg10": val}))
-    return val
+        f.write_text(json.dumps({"val_ndcg10": val, "per_query": per_query}))
+    return val, per_query
 
 
 def _phase_out(res, folder: Path, model: TwoTower, dist: Dist, stage: int, name: str, loss: str,
@@ -169,8 +176,10 @@ def _phase_out(res, folder: Path, model: TwoTower, dist: Dist, stage: int, name:
     return out
 
 
-def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, base_val: float, only: int | None,
+def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, base: tuple, only: int | None,
                       dist: Dist, progress: bool, stop_after_steps: int | None) -> list[dict]:
+    """``base``: the base encoder's validation NDCG@10 and per-query values; each stage's gain is measured
+    against the model it started from."""
     specs = [GroupSpec(tuple(s.pos_tiers), tuple(s.neg_tiers)) for s in cfg.stages]
     last = only or len(cfg.stages)
     if only is not None:
@@ -178,7 +187,7 @@ def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, bas
         if missing:
             raise ValueError(f"stage {only} starts from stage {missing[-1]}'s best checkpoint, which is not trained "
                              f"yet; run `assay train --stage {missing[0]}` first (or `assay train` for all stages)")
-    best = base_val
+    best, best_pq = base
     out = []
     for k in range(1, last + 1):
         st = cfg.stages[k - 1]
@@ -186,19 +195,22 @@ def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, bas
                                batch_queries=cfg.batch_queries, group_size=cfg.group_size, seed=cfg.seed, stage=k)
         spec = PhaseSpec(f"stage{k}", k, st.loss, st.steps, st.learning_rate, sampler, cfg.random_negatives)
         res = train_phase(model, data, spec, folder / f"stage{k}", cfg=cfg, start_val=best, dist=dist,
-                          progress=progress, stop_after_steps=stop_after_steps)
+                          progress=progress, stop_after_steps=stop_after_steps, start_per_query=best_pq)
         if res.improved:
-            best = res.best_val
+            best, best_pq = res.best_val, res.best_per_query
         else:
-            log.warning("stage %d (%s) did not improve validation NDCG@10 over %.4f (best %.4f): skipped, the next "
-                        "stage starts from the previous best", k, st.loss, best, res.best_val)
+            log.warning("stage %d (%s) did not improve validation NDCG@10 over %.4f (its best step minus that: %s): "
+                        "skipped, the next stage starts from the previous best", k, st.loss, best,
+                        gain_text(res.gain) or "not measured")
         if only is None or k == only:
             out.append(_phase_out(res, folder, model, dist, k, "curriculum", st.loss, sampler))
     return out
 
 
-def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder: Path, base_val: float, dist: Dist,
+def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder: Path, base: tuple, dist: Dist,
                     progress: bool, stop_after_steps: int | None) -> dict:
+    """``base``: the base encoder's validation NDCG@10 and per-query values (the baseline's gain is against it)."""
+    base_val, base_pq = base
     steps = cfg.baseline_steps or sum(s.steps for s in cfg.stages)
     if which == "click":
         sampler = ClickSampler(data, batch_queries=cfg.batch_queries, group_size=cfg.group_size, seed=cfg.seed)
@@ -210,7 +222,7 @@ def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder:
     spec = PhaseSpec(name, 0, "mnr", steps, cfg.baseline_learning_rate, sampler)
     # a baseline keeps its best validated step whatever the base encoder scored (start_val -1)
     res = train_phase(model, data, spec, folder / name, cfg=cfg, start_val=-1.0, dist=dist, progress=progress,
-                      stop_after_steps=stop_after_steps)
+                      stop_after_steps=stop_after_steps, start_per_query=base_pq)
     out = _phase_out(res, folder, model, dist, 0, name, "mnr", sampler)
     out["vs_base_encoder"] = round(res.best_val - base_val, 5)
     return out
@@ -248,17 +260,25 @@ def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
         steps += r["steps"]
         best = r["best_val"] if r["improved"] else best
         rows.append({"model": "stage " + "+".join(str(i) for i in range(1, k + 1)), "val_ndcg10": round(best, 5),
-                     "steps": steps, "kept": r["improved"], "stage_best": r["best_val"]})
+                     "steps": steps, "kept": r["improved"], "stage_best": r["best_val"], "gain": r.get("gain")})
         curves[f"stage{k}"] = r["history"]
     for b in BASELINES:
         done = folder / f"baseline-{b}" / "done.json"
         if done.exists():
             r = json.loads(done.read_text())
-            rows.append({"model": f"baseline {b}", "val_ndcg10": r["best_val"], "steps": r["steps"], "kept": None})
+            rows.append({"model": f"baseline {b}", "val_ndcg10": r["best_val"], "steps": r["steps"], "kept": None,
+                         "gain": r.get("gain")})
             curves[f"baseline-{b}"] = r["history"]
     skipped = [r["model"] for r in rows if r.get("kept") is False]
     return {"ablation": rows, "curves": curves, "skipped_stages": skipped,
             "final_checkpoint": str(final_checkpoint(folder, len(cfg.stages)) or "")}
+
+
+def gain_text(gain: dict | None) -> str:
+    """A phase's validation gain over its start as ``+0.0123 [+0.0021, +0.0230] P 0.99`` ("" when unknown)."""
+    if not gain or gain.get("queries", 0) == 0:
+        return ""
+    return f"{gain['delta']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] P {gain['p_above_0']:.2f}"
 
 
 def curves_png(summary: dict, path: Path) -> Path:
@@ -290,11 +310,13 @@ def curves_png(summary: dict, path: Path) -> Path:
 def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     curves_png(summary, out / "curves.png")
-    rows = [[r["model"], r["val_ndcg10"], r["steps"], "" if r["kept"] is None else ("kept" if r["kept"] else "skipped")]
-            for r in summary.get("ablation", [])]
+    rows = [[r["model"], r["val_ndcg10"], r["steps"], "" if r["kept"] is None else ("kept" if r["kept"] else "skipped"),
+             gain_text(r.get("gain"))] for r in summary.get("ablation", [])]
     write_report(out, "assay train", summary, [
-        ("Ablation (validation NDCG@10 on the cascade's labels of validation queries)",
-         table_html(["model", "val NDCG@10", "steps", "stage"], rows)),
+        ("Ablation (validation NDCG@10 on the cascade's labels of validation queries; gain: the stage's best "
+         "minus the model it started from, a baseline's minus the base encoder, with a paired bootstrap interval "
+         "over the validation queries and P, the share of resamples in which it is better)",
+         table_html(["model", "val NDCG@10", "steps", "stage", "gain [interval] P"], rows)),
         ("Training curves", img("curves.png")),
     ])
     return out / "report.html"
