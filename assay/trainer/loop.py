@@ -118,12 +118,13 @@ class PhaseResult:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def validate_per_query(model: TwoTower, data: TrainData, batch_size: int = 128) -> np.ndarray:
-    """NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades), one value
-    per validation query in ascending query order (NaN where the pool has no gain)."""
+def validate_per_query(model: TwoTower, data: TrainData, batch_size: int = 128) -> tuple[float, np.ndarray]:
+    """NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades): the mean
+    over queries with a defined value, and one value per validation query in ascending query order (NaN where
+    the pool has no gain)."""
     v = data.val
     if not len(v.grade):
-        return np.empty(0, dtype=np.float64)
+        return float("nan"), np.empty(0, dtype=np.float64)
     was = model.training
     model.eval()
     with torch.inference_mode():
@@ -138,13 +139,8 @@ def validate_per_query(model: TwoTower, data: TrainData, batch_size: int = 128) 
             s = pair_scores(q[torch.as_tensor(q_inv[sl])], it[torch.as_tensor(i_inv[sl])], model.beta)
             scores[sl] = s.cpu().numpy()
     model.train(was)
-    return mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)[1]
-
-
-def mean_ndcg(per_query: np.ndarray) -> float:
-    """Mean over the queries with a defined NDCG (NaN if none)."""
-    ok = ~np.isnan(per_query)
-    return float(per_query[ok].mean()) if ok.any() else float("nan")
+    mean, per_query = mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)
+    return float(mean), per_query
 
 
 def as_list(per_query: np.ndarray | None) -> list | None:
@@ -154,7 +150,7 @@ def as_list(per_query: np.ndarray | None) -> list | None:
 
 def validate(model: TwoTower, data: TrainData, batch_size: int = 128) -> float:
     """Mean NDCG@10 of the model re-ranking each validation query's labeled pool (cascade / human grades)."""
-    return mean_ndcg(validate_per_query(model, data, batch_size))
+    return validate_per_query(model, data, batch_size)[0]
 
 
 def val_gain(best: list | None, start: list | None, cfg) -> dict | None:
@@ -311,8 +307,8 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{rate:.0f}")
         if step % cfg.eval_every == 0 or step == spec.steps:
-            pq = validate_per_query(model, data) if dist.main else None
-            val = dist.broadcast_float(mean_ndcg(pq) if dist.main else 0.0)
+            val, pq = validate_per_query(model, data) if dist.main else (0.0, None)
+            val = dist.broadcast_float(val)
             history.append({"step": step, "loss": round(float(loss.item()), 5), "val_ndcg10": round(val, 5)})
             log.info("%s step %d: loss %.4f, val NDCG@10 %.4f (best %.4f)", spec.name, step, loss.item(), val, best_val)
             if val > top_val:
@@ -332,7 +328,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
     model.load_state_dict(best_state if improved else start_state)
     res = PhaseResult(spec.name, round(start_val, 5), round(best_val, 5), best_step, spec.steps, bool(improved),
                       history, round(seen / max(seconds, 1e-9), 2), round(seconds, 1), cols, resumed_from, best_pq,
-                      val_gain(best_pq, start_per_query, cfg) if dist.main else None)
+                      val_gain(best_pq, start_per_query, cfg))  # None on ranks > 0 (no per-query values)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = done.with_suffix(".tmp")

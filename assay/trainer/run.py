@@ -34,7 +34,7 @@ from assay.store import Store, utcnow
 from assay.text import digest
 from assay.trainer import data as data_mod
 from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
-from assay.trainer.loop import Dist, PhaseSpec, as_list, mean_ndcg, train_phase, validate_per_query
+from assay.trainer.loop import Dist, PhaseSpec, as_list, train_phase, validate_per_query
 from assay.trainer.model import TwoTower
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> tuple[float, l
     if f.exists():
         d = json.loads(f.read_text())
         return d["val_ndcg10"], d.get("per_query")
-    pq = validate_per_query(model, data) if dist.main else None
-    val = dist.broadcast_float(mean_ndcg(pq) if dist.main else 0.0)
+    val, pq = validate_per_query(model, data) if dist.main else (0.0, None)
+    val = dist.broadcast_float(val)
     per_query = as_list(pq)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
