@@ -528,7 +528,7 @@ def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only 
     """Train the two-tower model through the curriculum stages (or one baseline); resumes a killed run.
     Under `torchrun --nproc-per-node N` it trains data-parallel with in-batch negatives gathered across ranks."""
     from assay.trainer import run_cli
-    from assay.trainer.run import gain_text
+    from assay.trainer.run import gain_text, val_cells
 
     ctx = Ctx(workspace, config, set_, quiet)
     try:
@@ -548,13 +548,15 @@ def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only 
                       str(p["best_step"]), "yes" if p["improved"] else "[yellow]skipped[/]",
                       f"{p['examples_per_second']:.1f}")
         console.print(t)
-        a = Table(title="ablation: validation NDCG@10 (cascade labels of validation queries); gain: a stage's best "
-                        "minus where it started, a baseline's minus the base encoder [paired bootstrap interval] "
-                        "P(better)")
-        for c in ("model", "val NDCG@10", "steps", "gain"):
+        a = Table(title=f"ablation: validation NDCG@10 (cascade labels of validation queries; {s.get('val_metric')} "
+                        "selects); gain: a stage's best minus where it started, a baseline's minus the base encoder "
+                        "[paired bootstrap interval] P(better); rerank: each query's labeled pool re-ranked; "
+                        "retrieval, emb@10, judged@10: its top 10 of the validation catalog")
+        for c in ("model", "val NDCG@10", "steps", "gain", "rerank", "retrieval", "emb@10", "judged@10"):
             a.add_column(c)
         for r in s["ablation"]:
-            a.add_row(r["model"], f"{r['val_ndcg10']:.4f}", str(r["steps"]), gain_text(r.get("gain")) or "-")
+            a.add_row(r["model"], f"{r['val_ndcg10']:.4f}", str(r["steps"]), gain_text(r.get("gain")) or "-",
+                      *val_cells(r))
         console.print(a)
         if s["skipped_stages"]:
             console.print(f"[yellow]skipped (no validation gain):[/] {s['skipped_stages']}")

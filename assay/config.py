@@ -440,6 +440,14 @@ class TrainConfig(Section):
     val_bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of each phase's validation gain "
                                                        "over the validation queries (reported; 0 = off)")
     val_confidence: float = Field(0.95, gt=0, lt=1, description="interval of the reported validation gain")
+    val_metric: Literal["rerank", "retrieval"] = Field(
+        "rerank", description="validation NDCG@10 that picks checkpoints and keeps stages: rerank (each validation "
+                              "query's labeled pool re-ranked) or retrieval (its top 10 of the validation catalog, "
+                              "unlabeled items gaining 0; also reports the embarrassing rate there, for about 3x "
+                              "the items encoded per validation)")
+    val_catalog_random: int = Field(2000, ge=0, description="random catalog items added to the validation catalog "
+                                                            "(val_metric retrieval) besides every labeled item of "
+                                                            "the validation queries")
     val_max_queries: int = Field(200, ge=1, description="validation queries scored per evaluation")
     val_pool_per_query: int = Field(40, ge=2, description="labeled pairs re-ranked per validation query (a seeded "
                                                           "sample of its labeled mined pairs)")

@@ -31,7 +31,13 @@ META_KEY = "pipeline"
 
 
 def _sections(cfg: AssayConfig, *names: str) -> str:
-    return json.dumps({n: cfg.section_dict(n) for n in names}, sort_keys=True, default=str)
+    """The config a step reads, as its key's text: whole sections, or one key of a section ("pipeline.baselines"),
+    so that changing which baselines train does not make the label requests stale."""
+    def part(n: str):
+        sec, _, key = n.partition(".")
+        d = cfg.section_dict(sec)
+        return d[key] if key else d
+    return json.dumps({n: part(n) for n in names}, sort_keys=True, default=str)
 
 
 def _simulate(cfg: AssayConfig, ws: Path, progress: bool) -> dict:
@@ -146,7 +152,7 @@ STEPS: list[tuple[str, tuple[str, ...], Callable, Callable[[AssayConfig], bool]]
     ("simulate", ("simulate",), _simulate, lambda c: c.pipeline.simulate),
     ("ingest", ("ingest",), _ingest, lambda c: c.pipeline.simulate),
     ("mine", ("mining", "models"), _mine, lambda c: True),
-    ("label-request", ("label_request", "pipeline"), _label_request,
+    ("label-request", ("label_request", "pipeline.label_requests"), _label_request,
      lambda c: c.pipeline.simulate and c.pipeline.label_requests > 0),
     ("teachers", ("annotate",), _with_store(_teachers), lambda c: True),
     ("calibrate", ("annotate",), _with_store(_calibrate), lambda c: True),
@@ -154,11 +160,15 @@ STEPS: list[tuple[str, tuple[str, ...], Callable, Callable[[AssayConfig], bool]]
     ("agreement", ("annotate",), _with_store(_agreement), lambda c: True),
     ("curriculum", ("curriculum",), _with_store(_curriculum), lambda c: True),
     ("train", ("train", "models", "spell"), _with_store(_train), lambda c: True),
-    ("baselines", ("train", "pipeline"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
+    ("baselines", ("train", "pipeline.baselines"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines)),
     ("export-index", ("serve",), _with_store(_export), lambda c: c.pipeline.export_index),
     ("evaluate", ("mining", "evaluate"), _with_store(_evaluate), lambda c: True),
 ]
 STEP_NAMES = [s[0] for s in STEPS]
+
+
+# steps whose key once read the whole pipeline section: a key recorded that way, for the same config, is current
+_LEGACY_SECTIONS = {"label-request": ("label_request", "pipeline"), "baselines": ("train", "pipeline")}
 
 
 def plan(cfg: AssayConfig, done: dict) -> list[dict]:
@@ -169,6 +179,10 @@ def plan(cfg: AssayConfig, done: dict) -> list[dict]:
             out.append({"step": name, "key": None, "status": "disabled"})
             continue
         key = digest([name, _sections(cfg, *sections), prev])
+        rec = done.get(name, {}).get("key")
+        if rec != key and name in _LEGACY_SECTIONS and rec == digest([name, _sections(cfg, *_LEGACY_SECTIONS[name]),
+                                                                          prev]):
+            key = rec  # the steps after it chain on the recorded key, so they stay current too
         out.append({"step": name, "key": key, "status": "current" if done.get(name, {}).get("key") == key else "run"})
         prev = key
     return out

@@ -8,6 +8,7 @@ import pytest
 from assay import pipeline
 from assay.config import AssayConfig
 from assay.store import Store
+from assay.text import digest
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,29 @@ def tiny_config(**serve) -> AssayConfig:
         "pipeline": {"label_requests": 150, "baselines": ["click"]},
         "serve": {"recall_sample": 20, **serve},
     })
+
+
+def test_a_step_is_stale_only_when_the_config_it_reads_changed():
+    """Changing which baselines train leaves the label requests (and the judges after them) current; changing
+    how many labels to request does not."""
+    cfg = tiny_config()
+    done = {p["step"]: {"key": p["key"]} for p in pipeline.plan(cfg, {})}
+    assert all(p["status"] == "current" for p in pipeline.plan(cfg, done))
+
+    def stale(**pipe):
+        c = tiny_config()
+        c.pipeline = c.pipeline.model_copy(update=pipe)
+        return [p["step"] for p in pipeline.plan(c, done) if p["status"] == "run"]
+
+    assert stale(baselines=["binary"]) == ["baselines", "export-index", "evaluate"]
+    assert stale(label_requests=100) == pipeline.STEP_NAMES[pipeline.STEP_NAMES.index("label-request"):]
+    # keys recorded when label-request and baselines read the whole pipeline section stay current
+    old, prev = {}, "start"
+    for name, sections, _, _ in pipeline.STEPS:
+        sections = pipeline._LEGACY_SECTIONS.get(name, sections)
+        prev = old.setdefault(name, {"key": digest([name, pipeline._sections(cfg, *sections), prev])})["key"]
+    assert old["label-request"] != done["label-request"]
+    assert all(p["status"] == "current" for p in pipeline.plan(cfg, old))
 
 
 def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):

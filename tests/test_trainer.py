@@ -201,6 +201,36 @@ def test_val_gain_pairs_validation_queries_and_can_be_off():
     assert val_gain(best, None, TrainConfig()) is None and val_gain(best, start[:2], TrainConfig()) is None
 
 
+def test_retrieval_validation_searches_the_whole_catalog():
+    """Retrieval validation ranks every catalog item for each validation query: an unlabeled item in its top k
+    gains nothing, a grade-0 label counts as embarrassing among the labeled ones, and judged says how much of
+    the top k is labeled. Six items, so every query's top 6 is the whole catalog."""
+    from assay.trainer.data import ValPool
+    from assay.trainer.loop import validate_all, validate_per_query
+    from assay.trainer.model import TwoTower
+
+    td = _four_query_data()
+    # query 0: its sofa (4) and a grade-0 bucket; query 1: its desk (4), a grade-0 hose and a grade-1 lamp
+    td.val = ValPool(np.array([0, 0, 1, 1]), np.array([0, 4, 1, 5]), np.array([4, 0, 4, 0]),
+                     np.array([0, 0, 1, 1, 1]), np.array([0, 4, 1, 2, 5]), np.array([4, 0, 4, 1, 0]), np.arange(6))
+    model = TwoTower.from_base("all-MiniLM-L6-v2", query_max_length=16, item_max_length=32)
+    v = validate_all(model, td)
+    assert v["rerank"][0] == pytest.approx(1.0) and v["retrieval"][1][0] == pytest.approx(1.0)  # exact item first
+    assert 0.5 < v["retrieval"][1][1] <= 1  # the desk first; the grade-1 lamp anywhere below it
+    assert v["embarrassing"][1].tolist() == pytest.approx([1 / 2, 1 / 3])
+    assert v["judged"][1].tolist() == pytest.approx([2 / 6, 3 / 6])
+    assert validate_per_query(model, td, metric="retrieval")[0] == v["retrieval"][0]
+    # a grade-4 label on an item the model ranks last: retrieval NDCG drops below 1, rerank (pool only) does not
+    td.val = ValPool(td.val.query_idx, td.val.item_idx, td.val.grade, np.array([0, 0, 0]), np.array([0, 4, 1]),
+                     np.array([4, 0, 4]), np.arange(6))
+    with torch.inference_mode():
+        s = model.score(model.encode_queries(["velvet sofa"]), model.encode_items(td.item_texts))[0]
+    assert int(torch.argmin(s)) != 0
+    v2 = validate_all(model, td)
+    assert v2["retrieval"][1][0] < 1.0 and v2["rerank"][1][0] == pytest.approx(1.0)
+    assert np.isnan(v2["retrieval"][1][1]) and v2["retrieval"][0] == v2["retrieval"][1][0]  # query 1: no label
+
+
 # --------------------------------------------------------------------------- curriculum training
 def test_curriculum_trains_selects_and_records(curriculum_ws):
     from assay.trainer import run as run_train
@@ -226,6 +256,9 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
         assert g["delta"] == pytest.approx(top - p["start_val"], abs=1e-4)
         assert g["lo"] <= g["delta"] <= g["hi"] and 0 <= g["p_above_0"] <= 1
         assert (g["delta"] > 0) == p["improved"]
+        for h in p["history"]:  # rerank NDCG@10 selects by default; no validation catalog is encoded for it
+            assert h["val_ndcg10"] == h["val_rerank"] and "val_retrieval" not in h
+    assert s["ablation"][0]["val_metrics"] == {"rerank": pytest.approx(s["base_val_ndcg10"], abs=1e-5)}
     assert [r.get("gain") for r in s["ablation"][1:4]] == [p["gain"] for p in s["phases"].values()]
     kept = [r for r in rows if r["kept"]]
     assert len(kept) == sum(p["improved"] for p in s["phases"].values())
@@ -242,8 +275,8 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
     r = CliRunner().invoke(app, ["train", "-w", str(curriculum_ws), "-q", *[a for x in TINY_SET for a in ("--set", x)]],
                            env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
-    gains = re.findall(r"stage 1[+23]* +│ 0\.\d{4} +│ \d+ +│ [+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] P [01]\.\d\d",
-                       r.output)
+    gains = re.findall(r"stage 1[+23]* +│ 0\.\d{4} +│ \d+ +│ [+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] P [01]\.\d\d"
+                       r" +│ [01]\.\d{4} +│ - +│ - +│ - ", r.output)
     assert len(gains) == 3, r.output
 
 
@@ -300,8 +333,9 @@ def test_baselines_share_the_step_budget(curriculum_ws):
     from assay.trainer import run as run_train
 
     with Store.open(curriculum_ws) as store:
-        out = {b: run_train(tiny_cfg(), store, TORCH, baseline=b, progress=False) for b in
-               ("click", "binary", "graded")}
+        # binary selects its step on retrieval validation (its top 10 of the validation catalog)
+        out = {b: run_train(tiny_cfg(val_metric="retrieval" if b == "binary" else "rerank"), store, TORCH,
+                            baseline=b, progress=False) for b in ("click", "binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():
         p = s["phases"][f"baseline-{b}"]
@@ -309,8 +343,16 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         assert p["loss"] == "mnr" and p["inbatch_columns"] == 4 * 3
         # a baseline's validation gain is against the base encoder, on the same validation queries
         assert p["gain"]["delta"] == pytest.approx(p["vs_base_encoder"], abs=1e-4)
+        sel = "val_retrieval" if b == "binary" else "val_rerank"
+        assert all(h["val_ndcg10"] == h[sel] for h in p["history"])
+        assert p["best_val"] == max(h[sel] for h in p["history"])
+        if b == "binary":  # the top 10 of the validation catalog also gives the embarrassing and judged shares
+            assert all(0 <= h["val_embarrassing"] <= 1 and 0 < h["val_judged"] <= 1 and 0 < h["val_rerank"] <= 1
+                       for h in p["history"])
+    assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 500  # + random items
     models = [r["model"] for r in out["graded"]["ablation"]]
-    assert {"baseline click", "baseline binary", "baseline graded"} <= set(models)
+    assert {"baseline click", "baseline graded"} <= set(models)  # binary selected differently: its own run key
+    assert "baseline binary" in [r["model"] for r in out["binary"]["ablation"]] and "baseline binary" not in models
     assert {n for (n,) in names} <= {"baseline-click", "baseline-binary", "baseline-graded"}
 
 

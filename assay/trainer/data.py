@@ -52,12 +52,34 @@ class Batch(NamedTuple):
 
 @dataclass
 class ValPool:
-    """Labeled mined candidates of the validation queries (a seeded sample of ``val_pool_per_query`` each),
-    re-ranked by the model to score NDCG@10. Mined negatives are left out: ranking a random item last says little."""
+    """What validation scores, from the labels a user has (cascade, human grades where present).
+
+    ``query_idx``/``item_idx``/``grade``: labeled mined candidates of the validation queries (a seeded sample of
+    ``val_pool_per_query`` each), re-ranked by the model to score rerank NDCG@10. Mined negatives are left out:
+    ranking a random item last says little.
+
+    ``lab_*`` (every labeled pair of those queries, token-similar negatives included) and ``catalog`` (their items
+    plus a seeded sample of ``val_catalog_random`` catalog items): the model retrieves each query's top 10 from the
+    whole of ``catalog``, as it will in serving, for retrieval NDCG@10 and the embarrassing rate (docs/training.md
+    section 7). None when validation re-ranks only (``train.val_metric: rerank``)."""
 
     query_idx: np.ndarray
     item_idx: np.ndarray
     grade: np.ndarray
+    lab_query: np.ndarray | None = None
+    lab_item: np.ndarray | None = None
+    lab_grade: np.ndarray | None = None
+    catalog: np.ndarray | None = None
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every labeled pair of the validation queries (the pool when none were loaded)."""
+        if self.lab_query is None:
+            return self.query_idx, self.item_idx, self.grade
+        return self.lab_query, self.lab_item, self.lab_grade
+
+    def catalog_items(self) -> np.ndarray:
+        """Sorted item indices validation encodes: the catalog, or the pool's items without one."""
+        return np.unique(self.item_idx) if self.catalog is None else self.catalog
 
     @property
     def n_queries(self) -> int:
@@ -86,13 +108,17 @@ class TrainData:
         return {"examples": int(len(self.ex_query)), "train_examples": int((self.ex_split == "train").sum()),
                 "queries": len(self.query_ids), "items": len(self.item_ids),
                 "val_queries": self.val.n_queries, "val_pairs": int(len(self.val.grade)),
+                "val_catalog": int(len(self.val.catalog_items())),
                 "examples_run_id": self.examples_run_id}
 
 
 def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_pool: int, seed: int,
-         with_clicks: bool = False, click_min_clicks: int = 1, speller=None) -> TrainData:
+         with_clicks: bool = False, click_min_clicks: int = 1, speller=None,
+         val_catalog_random: int | None = None) -> TrainData:
     """Load everything a training run needs, in a few queries; raises with the missing step named. ``speller``
-    (:class:`assay.spell.Speller`) corrects the query texts, as evaluation and serving do."""
+    (:class:`assay.spell.Speller`) corrects the query texts, as evaluation and serving do.
+    ``val_catalog_random``: random catalog items in the retrieval-validation catalog (None: no catalog; validation
+    re-ranks the pool only)."""
     if store.count("examples") == 0:
         raise ValueError("the workspace has no examples; run `assay curriculum` first (after `assay annotate`)")
     ex = store.query("SELECT query_id, item_id, tier, target, weight, grade, split, run_id FROM examples "
@@ -105,6 +131,11 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
     if len(val_q) > val_max_queries:
         val_q = sorted(rng.choice(val_q, val_max_queries, replace=False).tolist())
     val_tbl = _val_pool(store, val_q, val_pool_per_query, seed)
+    pool_q = sorted(set(val_tbl["query_id"]))
+    lab_tbl = _val_labels(store, pool_q) if val_catalog_random is not None else None
+    cat_sample = store.query("SELECT item_id FROM products ORDER BY hash(item_id || ? || 'val') LIMIT ?",
+                             [str(seed), int(val_catalog_random)]).column("item_id").to_pylist() \
+        if val_catalog_random else []
     click_q: list[str] = []
     click_i: list[str] = []
     if with_clicks:
@@ -123,7 +154,8 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
     sample = store.query("SELECT item_id FROM products ORDER BY hash(item_id || ?) LIMIT ?",
                          [str(seed), int(random_pool)]).column("item_id").to_pylist()
     qset = sorted(set(qids_ex) | set(val_tbl["query_id"]) | set(click_q))
-    iset = sorted(set(iids_ex) | set(val_tbl["item_id"]) | set(sample) | set(click_i))
+    cat_ids = sorted(set(lab_tbl["item_id"]) | set(val_tbl["item_id"]) | set(cat_sample)) if lab_tbl else []
+    iset = sorted(set(iids_ex) | set(val_tbl["item_id"]) | set(sample) | set(click_i) | set(cat_ids))
     qtext = dict(store.exec("SELECT query_id, text FROM queries"))
     if speller is not None:
         qtext = {q: speller.correct(t) for q, t in qtext.items()}
@@ -142,13 +174,15 @@ def load(store: Store, *, val_max_queries: int, val_pool_per_query: int, random_
         ex_split=np.array(ex.column("split").to_pylist(), dtype=object),
         random_pool=idx(i_of, sample),
         val=ValPool(idx(q_of, val_tbl["query_id"]), idx(i_of, val_tbl["item_id"]),
-                    np.asarray(val_tbl["grade"], dtype=np.int64)),
+                    np.asarray(val_tbl["grade"], dtype=np.int64),
+                    *((idx(q_of, lab_tbl["query_id"]), idx(i_of, lab_tbl["item_id"]),
+                       np.asarray(lab_tbl["grade"], dtype=np.int64), idx(i_of, cat_ids)) if lab_tbl else ())),
         examples_run_id=",".join(run_ids),
         clicks=(idx(q_of, click_q), idx(i_of, click_i)) if with_clicks else None,
     )
-    log.info("training data: %d examples (%d train), %d val queries (%d pairs), %d random-negative items of %d",
-             len(qids_ex), int((data.ex_split == "train").sum()), data.val.n_queries, len(data.val.grade),
-             len(sample), n_products)
+    log.info("training data: %d examples (%d train), %d val queries (%d pairs, a catalog of %d items), "
+             "%d random-negative items of %d", len(qids_ex), int((data.ex_split == "train").sum()),
+             data.val.n_queries, len(data.val.grade), len(data.val.catalog_items()), len(sample), n_products)
     return data
 
 
@@ -160,6 +194,17 @@ def _val_pool(store: Store, val_q: list[str], per_query: int, seed: int) -> dict
         WHERE grade IS NOT NULL AND source = 'candidate' AND query_id IN (SELECT unnest(?::VARCHAR[]))
         QUALIFY row_number() OVER (PARTITION BY query_id ORDER BY hash(item_id || ?)) <= ?
         ORDER BY query_id, item_id""", [val_q, str(seed), int(per_query)])
+    return {c: tbl.column(c).to_pylist() for c in ("query_id", "item_id", "grade")}
+
+
+def _val_labels(store: Store, val_q: list[str]) -> dict | None:
+    """Every labeled pair of the validation queries (any source): the judgments retrieval validation reads."""
+    if not val_q:
+        return None
+    tbl = store.query(f"""
+        SELECT query_id, item_id, min(grade) AS grade FROM ({labeled_pairs_sql()}) lp
+        WHERE grade IS NOT NULL AND query_id IN (SELECT unnest(?::VARCHAR[]))
+        GROUP BY 1, 2 ORDER BY query_id, item_id""", [val_q])
     return {c: tbl.column(c).to_pylist() for c in ("query_id", "item_id", "grade")}
 
 

@@ -34,7 +34,7 @@ from assay.store import Store, utcnow
 from assay.text import digest
 from assay.trainer import data as data_mod
 from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
-from assay.trainer.loop import Dist, PhaseSpec, as_list, train_phase, validate_per_query
+from assay.trainer.loop import Dist, PhaseSpec, as_list, train_phase, validate_all
 from assay.trainer.model import TwoTower
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str, spell
     relevant = cfg.model_dump(mode="json")
     for k in ("eval_every", "checkpoint_every", "val_bootstrap", "val_confidence"):  # do not change what is trained
         relevant.pop(k)
+    if cfg.val_metric == "rerank":  # the default selection: keys (and folders) as before these settings existed
+        relevant.pop("val_metric")
+        relevant.pop("val_catalog_random")
     parts = [json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))]
     if spell is not None and spell.enabled:  # the query text the model learns from
         parts.append(json.dumps(spell.model_dump(mode="json"), sort_keys=True))
@@ -67,7 +70,8 @@ def load_data(cfg: TrainConfig, store: Store, *, with_clicks: bool, spell: Spell
     name = base_model_name(cfg, models_cfg or ModelsConfig())
     return data_mod.load(store, val_max_queries=cfg.val_max_queries, val_pool_per_query=cfg.val_pool_per_query,
                          random_pool=cfg.random_pool, seed=cfg.seed, with_clicks=with_clicks,
-                         click_min_clicks=cfg.click_min_clicks, speller=build(spell, name, store))
+                         click_min_clicks=cfg.click_min_clicks, speller=build(spell, name, store),
+                         val_catalog_random=cfg.val_catalog_random if cfg.val_metric == "retrieval" else None)
 
 
 def _new_model(cfg: TrainConfig, models_cfg: ModelsConfig) -> TwoTower:
@@ -104,7 +108,7 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
         if record else _NoRun()
     with ctx as run_id:
         model = _new_model(cfg, models_cfg)
-        base_val, base_pq = _base_val(folder, model, data, dist)
+        base_val, base_pq = _base_val(folder, model, data, dist, cfg)
         if baseline is not None:
             phases = [_train_baseline(cfg, baseline, model, data, folder, (base_val, base_pq), dist, progress,
                                       stop_after_steps)]
@@ -146,19 +150,22 @@ class _NoRun:
         return False
 
 
-def _base_val(folder: Path, model: TwoTower, data, dist: Dist) -> tuple[float, list | None]:
-    """The base encoder's validation NDCG@10 and its per-query values (None for a folder from before they were
-    kept), computed once per training folder."""
+def _base_val(folder: Path, model: TwoTower, data, dist: Dist, cfg: TrainConfig) -> tuple[float, list | None]:
+    """The base encoder's validation NDCG@10 (``train.val_metric``) and its per-query values (None for a folder
+    from before they were kept), computed once per training folder; base.json also keeps every validation
+    metric's mean (``metrics``)."""
     f = folder / "base.json"
     if f.exists():
         d = json.loads(f.read_text())
         return d["val_ndcg10"], d.get("per_query")
-    val, pq = validate_per_query(model, data) if dist.main else (0.0, None)
+    vals = validate_all(model, data, precision=cfg.precision) if dist.main else {}
+    val, pq = vals.get(cfg.val_metric, (0.0, None))
     val = dist.broadcast_float(val)
     per_query = as_list(pq)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"val_ndcg10": val, "per_query": per_query}))
+        f.write_text(json.dumps({"val_ndcg10": val, "per_query": per_query,
+                                 "metrics": {m: None if a != a else round(a, 5) for m, (a, _) in vals.items()}}))
     return val, per_query
 
 
@@ -247,9 +254,22 @@ def final_checkpoint(folder: Path, n_stages: int) -> Path | None:
     return None
 
 
+VAL_COLUMNS = ("rerank", "retrieval", "embarrassing", "judged")
+
+
+def _metrics_at(history: list, step: int) -> dict:
+    """Every validation metric of a phase's evaluated step (empty for a history from before they were kept)."""
+    h = next((h for h in history if h["step"] == step), {})
+    return {m: h.get(f"val_{m}") for m in VAL_COLUMNS if f"val_{m}" in h}
+
+
 def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
-    """Validation NDCG@10 after stage 1, 1+2, 1+2+3, of each baseline and of the base encoder (what is trained)."""
-    rows = [{"model": "base encoder", "val_ndcg10": round(base_val, 5), "steps": 0, "kept": None}]
+    """Validation NDCG@10 after stage 1, 1+2, 1+2+3, of each baseline and of the base encoder (what is trained);
+    ``val_metrics``: every validation metric of that model (train.val_metric picks which one selects)."""
+    base = json.loads((folder / "base.json").read_text()) if (folder / "base.json").exists() else {}
+    cur = base.get("metrics") or {}
+    rows = [{"model": "base encoder", "val_ndcg10": round(base_val, 5), "steps": 0, "kept": None,
+             "val_metrics": cur}]
     best, steps = base_val, 0
     curves = {}
     for k in range(1, len(cfg.stages) + 1):
@@ -259,19 +279,27 @@ def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
         r = json.loads(done.read_text())
         steps += r["steps"]
         best = r["best_val"] if r["improved"] else best
+        cur = _metrics_at(r["history"], r["best_step"]) if r["improved"] else cur
         rows.append({"model": "stage " + "+".join(str(i) for i in range(1, k + 1)), "val_ndcg10": round(best, 5),
-                     "steps": steps, "kept": r["improved"], "stage_best": r["best_val"], "gain": r.get("gain")})
+                     "steps": steps, "kept": r["improved"], "stage_best": r["best_val"], "gain": r.get("gain"),
+                     "val_metrics": cur})
         curves[f"stage{k}"] = r["history"]
     for b in BASELINES:
         done = folder / f"baseline-{b}" / "done.json"
         if done.exists():
             r = json.loads(done.read_text())
             rows.append({"model": f"baseline {b}", "val_ndcg10": r["best_val"], "steps": r["steps"], "kept": None,
-                         "gain": r.get("gain")})
+                         "gain": r.get("gain"), "val_metrics": _metrics_at(r["history"], r["best_step"])})
             curves[f"baseline-{b}"] = r["history"]
     skipped = [r["model"] for r in rows if r.get("kept") is False]
-    return {"ablation": rows, "curves": curves, "skipped_stages": skipped,
+    return {"ablation": rows, "curves": curves, "skipped_stages": skipped, "val_metric": cfg.val_metric,
             "final_checkpoint": str(final_checkpoint(folder, len(cfg.stages)) or "")}
+
+
+def val_cells(row: dict) -> list[str]:
+    """An ablation row's rerank NDCG@10, retrieval NDCG@10, embarrassing@10 and judged@10 as text ("-" unknown)."""
+    m = row.get("val_metrics") or {}
+    return ["-" if m.get(c) is None else f"{m[c]:.4f}" for c in VAL_COLUMNS]
 
 
 def gain_text(gain: dict | None) -> str:
@@ -311,12 +339,15 @@ def write_train_report(out: Path, summary: dict, folder: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     curves_png(summary, out / "curves.png")
     rows = [[r["model"], r["val_ndcg10"], r["steps"], "" if r["kept"] is None else ("kept" if r["kept"] else "skipped"),
-             gain_text(r.get("gain"))] for r in summary.get("ablation", [])]
+             gain_text(r.get("gain")), *val_cells(r)] for r in summary.get("ablation", [])]
     write_report(out, "assay train", summary, [
-        ("Ablation (validation NDCG@10 on the cascade's labels of validation queries; gain: the stage's best "
-         "minus the model it started from, a baseline's minus the base encoder, with a paired bootstrap interval "
-         "over the validation queries and P, the share of resamples in which it is better)",
-         table_html(["model", "val NDCG@10", "steps", "stage", "gain [interval] P"], rows)),
+        (f"Ablation (validation NDCG@10 on the cascade's labels of validation queries, {summary.get('val_metric')} "
+         "NDCG@10 selecting; gain: the stage's best minus the model it started from, a baseline's minus the base "
+         "encoder, with a paired bootstrap interval over the validation queries and P, the share of resamples in "
+         "which it is better; rerank: each query's labeled pool re-ranked; retrieval, emb@10, judged@10: its top "
+         "10 of the validation catalog)",
+         table_html(["model", "val NDCG@10", "steps", "stage", "gain [interval] P", "rerank", "retrieval",
+                     "emb@10", "judged@10"], rows)),
         ("Training curves", img("curves.png")),
     ])
     return out / "report.html"
