@@ -183,7 +183,7 @@ def plan(cfg: AssayConfig, done: dict) -> list[dict]:
         if rec != key and name in _LEGACY_SECTIONS and rec == digest([name, _sections(cfg, *_LEGACY_SECTIONS[name]),
                                                                           prev]):
             key = rec  # the steps after it chain on the recorded key, so they stay current too
-        out.append({"step": name, "key": key, "status": "current" if done.get(name, {}).get("key") == key else "run"})
+        out.append({"step": name, "key": key, "status": "current" if rec == key else "run"})
         prev = key
     return out
 

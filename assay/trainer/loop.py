@@ -164,9 +164,10 @@ def validate_all(model: TwoTower, data: TrainData, batch_size: int = 128,
         top = np.concatenate([torch.topk(model.score(q[lo:lo + 64], it), k, dim=1).indices.cpu().numpy()
                               for lo in range(0, len(uq), 64)]) if v.catalog is not None else None
     model.train(was)
-    out = {"rerank": mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)}
+    mean, per_query = mean_rerank_ndcg(scores, v.grade, v.query_idx, k=10)
+    out = {"rerank": (float(mean), per_query)}
     if top is None:
-        return {m: (float(a), b) for m, (a, b) in out.items()}
+        return out
     lq, li, lg = v.labels()
     judged: dict[int, dict[int, int]] = {int(x): {} for x in uq}
     for a, b, g in zip(lq.tolist(), li.tolist(), lg.tolist()):
@@ -181,7 +182,12 @@ def validate_all(model: TwoTower, data: TrainData, batch_size: int = 128,
     for m, pq in per.items():
         ok = ~np.isnan(pq)
         out[m] = (float(pq[ok].mean()) if ok.any() else float("nan"), pq)
-    return {m: (float(a), b) for m, (a, b) in out.items()}
+    return out
+
+
+def metric_means(vals: dict) -> dict:
+    """``{metric: mean}`` of a :func:`validate_all` result, rounded for JSON (None for NaN)."""
+    return {m: None if a != a else round(a, 5) for m, (a, _) in vals.items()}
 
 
 def validate_per_query(model: TwoTower, data: TrainData, batch_size: int = 128,
@@ -359,7 +365,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
             val, pq = vals.get(cfg.val_metric, (0.0, None))
             val = dist.broadcast_float(val)
             history.append({"step": step, "loss": round(float(loss.item()), 5), "val_ndcg10": round(val, 5),
-                            **{f"val_{m}": None if a != a else round(a, 5) for m, (a, _) in vals.items()}})
+                            **{f"val_{m}": a for m, a in metric_means(vals).items()}})
             log.info("%s step %d: loss %.4f, val NDCG@10 %.4f (best %.4f)", spec.name, step, loss.item(), val, best_val)
             if val > top_val:
                 top_val, best_pq = val, as_list(pq)

@@ -34,7 +34,7 @@ from assay.store import Store, utcnow
 from assay.text import digest
 from assay.trainer import data as data_mod
 from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
-from assay.trainer.loop import Dist, PhaseSpec, as_list, train_phase, validate_all
+from assay.trainer.loop import VAL_METRICS, Dist, PhaseSpec, as_list, metric_means, train_phase, validate_all
 from assay.trainer.model import TwoTower
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ def _base_val(folder: Path, model: TwoTower, data, dist: Dist, cfg: TrainConfig)
     per_query = as_list(pq)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"val_ndcg10": val, "per_query": per_query,
-                                 "metrics": {m: None if a != a else round(a, 5) for m, (a, _) in vals.items()}}))
+        f.write_text(json.dumps({"val_ndcg10": val, "per_query": per_query, "metrics": metric_means(vals)}))
     return val, per_query
 
 
@@ -254,13 +253,10 @@ def final_checkpoint(folder: Path, n_stages: int) -> Path | None:
     return None
 
 
-VAL_COLUMNS = ("rerank", "retrieval", "embarrassing", "judged")
-
-
 def _metrics_at(history: list, step: int) -> dict:
     """Every validation metric of a phase's evaluated step (empty for a history from before they were kept)."""
     h = next((h for h in history if h["step"] == step), {})
-    return {m: h.get(f"val_{m}") for m in VAL_COLUMNS if f"val_{m}" in h}
+    return {m: h.get(f"val_{m}") for m in VAL_METRICS if f"val_{m}" in h}
 
 
 def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
@@ -299,7 +295,7 @@ def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
 def val_cells(row: dict) -> list[str]:
     """An ablation row's rerank NDCG@10, retrieval NDCG@10, embarrassing@10 and judged@10 as text ("-" unknown)."""
     m = row.get("val_metrics") or {}
-    return ["-" if m.get(c) is None else f"{m[c]:.4f}" for c in VAL_COLUMNS]
+    return ["-" if m.get(c) is None else f"{m[c]:.4f}" for c in VAL_METRICS]
 
 
 def gain_text(gain: dict | None) -> str:
