@@ -625,7 +625,8 @@ def _render_comparisons(ev: dict) -> None:
 # --------------------------------------------------------------------------- inspection
 # --------------------------------------------------------------------------- serving
 @app.command("export-index")
-def export_index(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint folder "
+def export_index(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint folder, or "
+                                                          "'best' (the best-validated of the newest training folder) "
                                                           "[serve.checkpoint; the newest kept curriculum one]"),
                  workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
                  set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:

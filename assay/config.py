@@ -488,7 +488,9 @@ class ServeConfig(Section):
     """`assay export-index` and `assay search` (docs/serving.md): a FAISS index bound to one checkpoint."""
 
     checkpoint: str | None = Field(None, description="two-tower checkpoint to serve; None = the newest kept "
-                                                     "curriculum checkpoint in `checkpoints`")
+                                                     "curriculum checkpoint in `checkpoints`; 'best' = the kept "
+                                                     "checkpoint (curriculum stage or baseline) of the newest "
+                                                     "training folder with the highest validation NDCG@10")
     index: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
         "auto", description="auto: flat (exact) up to flat_max_items items, hnsw above")
     flat_max_items: int = Field(200_000, ge=1, description="largest catalog served exactly under index=auto")

@@ -278,3 +278,29 @@ def test_the_server_refuses_to_start_on_a_manifest_that_does_not_match(exported,
     proc = _start_server(ws2, tmp_path / "serve.log", free_port())
     assert proc.wait(timeout=60) == 2
     assert "assay export-index" in (tmp_path / "serve.log").read_text()
+
+
+def test_best_validated_checkpoint_compares_one_training_folder(tmp_path):
+    """`serve.checkpoint: best`: the best validation NDCG@10 among the kept checkpoints of the newest training
+    folder (curriculum stages and baselines); a skipped stage and another folder's scores do not count."""
+    from assay.trainer.run import _record_checkpoint
+
+    def rec(s, key, name, stage, val, kept=True):
+        family = "curriculum" if name.startswith("stage") else name
+        _record_checkpoint(s, {"checkpoint": str(tmp_path / key / name / "best"), "name": name, "family": family,
+                               "stage": stage, "sha": name, "best_val": val, "improved": kept, "best_step": 25},
+                           "train-test")
+
+    with Store.open(tmp_path / "ws") as s:
+        with pytest.raises(ValueError, match="assay train"):
+            serving.best_validated_checkpoint(s)
+        rec(s, "old", "baseline-binary", 0, 0.99)  # another training config: other validation pools
+        rec(s, "new", "stage1", 1, 0.86)
+        rec(s, "new", "stage2", 2, 0.90, kept=False)  # a skipped stage is not served
+        rec(s, "new", "baseline-graded", 0, 0.88)
+        rec(s, "new", "stage3", 3, 0.87)
+        path, ckpt_id, val = serving.best_validated_checkpoint(s)
+        assert (ckpt_id, val) == ("new/baseline-graded", 0.88)
+        assert path == str(tmp_path / "new" / "baseline-graded" / "best")
+        rec(s, "new", "stage3", 3, 0.885)  # a retrained stage 3 validates higher
+        assert serving.best_validated_checkpoint(s)[1] == "new/stage3"

@@ -1,7 +1,7 @@
 """`assay export-index` and `assay search`: a FAISS index bound to one two-tower checkpoint.
 
 Export reads ``checkpoints`` (the newest kept curriculum checkpoint unless ``serve.checkpoint`` or ``--checkpoint``
-names one), ``products`` and ``queries``, and writes ``artifacts/index/<index_id>/``:
+names one; ``best`` names the best-validated of the newest training folder's curriculum stages and baselines), ``products`` and ``queries``, and writes ``artifacts/index/<index_id>/``:
 
 - ``index.faiss``: the catalog's item-tower vectors (unit length, inner product), in an index chosen by size
   (``serve.index``: flat up to ``flat_max_items``, else HNSW; IVF-PQ on request; the factory strings are config);
@@ -43,6 +43,9 @@ RECALL_K = 100
 MODES = ("dense", "hybrid")
 
 
+BEST = "best"
+
+
 def newest_checkpoint(store: Store) -> str:
     row = store.exec("""SELECT path FROM checkpoints WHERE kept AND name = 'curriculum'
                         ORDER BY created_at DESC, stage DESC LIMIT 1""")
@@ -50,6 +53,21 @@ def newest_checkpoint(store: Store) -> str:
         raise ValueError("no kept curriculum checkpoint in this workspace; run `assay train` first, or pass "
                          "--checkpoint PATH")
     return row[0][0]
+
+
+def best_validated_checkpoint(store: Store) -> tuple[str, str, float]:
+    """(path, checkpoint_id, validation NDCG@10) of the best-validated kept checkpoint among those trained in the
+    same folder as the newest one: the curriculum's stages and the baselines of one training config, which were
+    validated on the same queries and pools, so their scores compare (``serve.checkpoint: best``)."""
+    newest = store.exec("SELECT checkpoint_id FROM checkpoints WHERE kept ORDER BY created_at DESC LIMIT 1")
+    if not newest:
+        raise ValueError("no kept checkpoint in this workspace; run `assay train` (and `assay train --baseline "
+                         "NAME`) first, or name a checkpoint")
+    key = newest[0][0].split("/")[0]
+    row = store.exec("""SELECT path, checkpoint_id, val_ndcg10 FROM checkpoints
+                        WHERE kept AND val_ndcg10 IS NOT NULL AND split_part(checkpoint_id, '/', 1) = ?
+                        ORDER BY val_ndcg10 DESC, created_at DESC LIMIT 1""", [key])
+    return row[0][0], row[0][1], float(row[0][2])
 
 
 def choose_factory(cfg: ServeConfig, n_items: int, dim: int) -> tuple[str, str]:
@@ -224,6 +242,9 @@ def export(cfg: AssayConfig, store: Store, *, checkpoint: str | None = None, pro
 
     sc = cfg.serve
     path = checkpoint or sc.checkpoint or newest_checkpoint(store)
+    if path == BEST:
+        path, ckpt_id, val = best_validated_checkpoint(store)
+        log.info("serve.checkpoint best: %s (validation NDCG@10 %.4f)", ckpt_id, val)
     model = TwoTower.load(path, device=cfg.models.device)
     catalog = load_catalog(store)
     with store.run("export-index", {"serve": sc.model_dump(mode="json"), "checkpoint": str(path),
