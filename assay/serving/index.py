@@ -1,7 +1,8 @@
 """`assay export-index` and `assay search`: a FAISS index bound to one two-tower checkpoint.
 
 Export reads ``checkpoints`` (the newest kept curriculum checkpoint unless ``serve.checkpoint`` or ``--checkpoint``
-names one; ``best`` names the best-validated of the newest training folder's curriculum stages and baselines), ``products`` and ``queries``, and writes ``artifacts/index/<index_id>/``:
+names one; ``best`` names the best-validated of the newest training folder's curriculum stages and baselines),
+``products`` and ``queries``, and writes ``artifacts/index/<index_id>/``:
 
 - ``index.faiss``: the catalog's item-tower vectors (unit length, inner product), in an index chosen by size
   (``serve.index``: flat up to ``flat_max_items``, else HNSW; IVF-PQ on request; the factory strings are config);
