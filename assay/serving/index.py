@@ -60,15 +60,27 @@ def best_validated_checkpoint(store: Store) -> tuple[str, str, float]:
     """(path, checkpoint_id, validation NDCG@10) of the best-validated kept checkpoint among those trained in the
     same folder as the newest one: the curriculum's stages and the baselines of one training config, which were
     validated on the same queries and pools, so their scores compare (``serve.checkpoint: best``)."""
-    newest = store.exec("SELECT checkpoint_id FROM checkpoints WHERE kept ORDER BY created_at DESC LIMIT 1")
-    if not newest:
+    row = store.exec("""SELECT path, checkpoint_id, val_ndcg10 FROM checkpoints
+                        WHERE kept AND val_ndcg10 IS NOT NULL AND split_part(checkpoint_id, '/', 1) =
+                              (SELECT split_part(checkpoint_id, '/', 1) FROM checkpoints WHERE kept
+                               ORDER BY created_at DESC LIMIT 1)
+                        ORDER BY val_ndcg10 DESC, created_at DESC LIMIT 1""")
+    if not row:
         raise ValueError("no kept checkpoint in this workspace; run `assay train` (and `assay train --baseline "
                          "NAME`) first, or name a checkpoint")
-    key = newest[0][0].split("/")[0]
-    row = store.exec("""SELECT path, checkpoint_id, val_ndcg10 FROM checkpoints
-                        WHERE kept AND val_ndcg10 IS NOT NULL AND split_part(checkpoint_id, '/', 1) = ?
-                        ORDER BY val_ndcg10 DESC, created_at DESC LIMIT 1""", [key])
     return row[0][0], row[0][1], float(row[0][2])
+
+
+def resolve_checkpoint(store: Store, requested: str | None) -> str:
+    """The checkpoint folder that ``--checkpoint`` / ``serve.checkpoint`` names: a path, ``best``, or None (the
+    newest kept curriculum checkpoint)."""
+    if requested is None:
+        return newest_checkpoint(store)
+    if requested == BEST:
+        path, ckpt_id, val = best_validated_checkpoint(store)
+        log.info("serve.checkpoint best: %s (validation NDCG@10 %.4f)", ckpt_id, val)
+        return path
+    return requested
 
 
 def choose_factory(cfg: ServeConfig, n_items: int, dim: int) -> tuple[str, str]:
@@ -242,10 +254,7 @@ def export(cfg: AssayConfig, store: Store, *, checkpoint: str | None = None, pro
     from assay.trainer.model import TwoTower
 
     sc = cfg.serve
-    path = checkpoint or sc.checkpoint or newest_checkpoint(store)
-    if path == BEST:
-        path, ckpt_id, val = best_validated_checkpoint(store)
-        log.info("serve.checkpoint best: %s (validation NDCG@10 %.4f)", ckpt_id, val)
+    path = resolve_checkpoint(store, checkpoint or sc.checkpoint)
     model = TwoTower.load(path, device=cfg.models.device)
     catalog = load_catalog(store)
     with store.run("export-index", {"serve": sc.model_dump(mode="json"), "checkpoint": str(path),
