@@ -597,6 +597,8 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
                 t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
             console.print(t)
         _render_comparisons(s)
+        if s.get("served"):
+            console.print(run_eval.served_line(s["served"]))
         console.print(f"report: {s['report']} (per-segment comparisons there; per-query values: {s['per_query']})")
     _emit(s, as_json, render)
 

@@ -169,3 +169,33 @@ def test_cli_prints_the_comparison_with_the_reference_named(capsys):
     assert f"{c['embarrassing@10']['p_below_0']:.2f}" in out  # lower is better for the embarrassing rate
     cli._render_comparisons({"comparisons": {}})
     assert capsys.readouterr().out == ""
+
+
+def test_the_report_names_the_system_serving_would_answer_with(tmp_path):
+    """`serve.checkpoint` unset serves the curriculum, `best` the best-validated system, a path of no evaluated
+    system becomes its own row, ``served``."""
+    from assay.config import AssayConfig
+    from assay.eval.run import default_systems, served_line, served_system
+    from assay.trainer.run import _record_checkpoint
+
+    def rec(s, name, stage, val):
+        path = tmp_path / "train" / name / "best"
+        path.mkdir(parents=True)
+        _record_checkpoint(s, {"checkpoint": str(path), "name": name, "family": "curriculum" if stage else name,
+                               "stage": stage, "sha": name, "best_val": val, "improved": True, "best_step": 25},
+                           "train-test")
+
+    with Store.open(tmp_path / "ws") as s:
+        assert served_system(AssayConfig(), s, default_systems(s)) is None  # nothing trained yet
+        rec(s, "stage1", 1, 0.86)
+        rec(s, "stage2", 2, 0.87)
+        rec(s, "baseline-graded", 0, 0.88)
+        systems = default_systems(s)
+        assert set(systems) == {"bm25", "base encoder", "curriculum", "baseline-graded"}
+        got = served_system(AssayConfig(), s, systems)
+        assert got["system"] == "curriculum" and got["path"] == str(tmp_path / "train" / "stage2" / "best")
+        assert "unset" in served_line(got) and "serves curriculum" in served_line(got)
+        assert served_system(AssayConfig(serve={"checkpoint": "best"}), s, systems)["system"] == "baseline-graded"
+        elsewhere = tmp_path / "elsewhere"
+        got = served_system(AssayConfig(serve={"checkpoint": str(elsewhere)}), s, systems)
+        assert got["system"] == "served" and systems["served"] == str(elsewhere)

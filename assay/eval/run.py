@@ -31,12 +31,35 @@ def default_systems(store: Store) -> dict[str, str]:
     return systems
 
 
+def served_system(cfg: AssayConfig, store: Store, systems: dict[str, str]) -> dict | None:
+    """Which evaluated system `assay export-index` would serve (``serve.checkpoint``: a path, ``best``, or the
+    newest curriculum checkpoint), so the report says what users get. A served checkpoint that no other system
+    names is added to ``systems`` as ``served``. None when nothing is trained yet."""
+    from assay.serving.index import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(store, cfg.serve.checkpoint)
+    except ValueError:
+        return None
+    same = next((n for n, p in systems.items() if p not in ("bm25", "base") and Path(p).resolve() == Path(path).resolve()),
+                None)
+    if same is None:
+        systems["served"] = path
+    return {"serve.checkpoint": cfg.serve.checkpoint, "path": path, "system": same or "served"}
+
+
+def served_line(served: dict) -> str:
+    what = served["serve.checkpoint"] or "unset (the newest kept curriculum checkpoint)"
+    return f"serve.checkpoint {what}: `assay export-index` serves {served['system']} ({served['path']})"
+
+
 def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dict[str, str] | None = None,
         progress: bool = True, qrels: str | None = None) -> dict:
     """Every system on the held-out queries, plus ``hybrid``: BM25 fused with the curriculum model (the base
     encoder when no curriculum checkpoint exists). Judgments: ``qrels`` when given, else truth, else labels."""
     systems = default_systems(store)
     systems.update(checkpoints or {})
+    served = served_system(cfg, store, systems)
     dense = "curriculum" if "curriculum" in systems else "base encoder"
     with store.run("evaluate", {"split": split, "systems": systems, "qrels": qrels}) as run_id:
         res = evaluate(store, systems, split=split, bm25=cfg.mining.bm25,
@@ -46,11 +69,13 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
                        bootstrap=cfg.evaluate.bootstrap, confidence=cfg.evaluate.confidence, seed=cfg.evaluate.seed)
         per_query = res.pop("per_query")
         res["run_id"] = run_id
+        res["served"] = served
         res["context"] = context(cfg, store)
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
         res["report"] = str(_report(folder, res))
         res["per_query"] = str(_per_query_csv(folder / "per_query.csv", per_query))
-        keys = ("split", "queries", "judgments", "segments", "systems", "reference", "confidence", "comparisons")
+        keys = ("split", "queries", "judgments", "segments", "systems", "reference", "confidence", "comparisons",
+                "served")
         (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in keys}, indent=1))
         store.finish_run(run_id, res)
     return res
@@ -187,6 +212,8 @@ def _report(folder: Path, res: dict) -> Path:
     bar_png(names, [res["systems"][n]["all"]["embarrassing@10"] for n in names], folder / "embarrassing10.png",
             "embarrassing rate@10", "grade-0 share of judged top 10")
     sections.append(("Charts", img("ndcg10.png") + img("embarrassing10.png")))
+    if res.get("served"):
+        sections.append(("What serving answers with", f"<p>{served_line(res['served'])}</p>"))
     if res.get("comparisons"):
         sections.append((f"{res['reference']} minus each system, same queries (paired bootstrap over queries)",
                          f"<p>Mean per-query difference with its confidence interval; P(ref better) is the share "
