@@ -585,22 +585,27 @@ def evaluate(split: str = typer.Option("test", help="held-out queries: test (def
         extra[name] = path
     s = _stage(ctx, lambda store: run_eval(ctx.cfg, store, split=split, checkpoints=extra, progress=not quiet,
                                            qrels=qrels))
-    def render(s: dict) -> None:
-        segs = ["all"] + list(s["segments"])
-        for m in ("ndcg@10", "embarrassing@10", "recall@100"):
-            t = Table(title=f"{m} on {s['queries']} {s['split']} queries ({s['judgments']} judgments; "
-                            f"segments {s['segments']})")
-            t.add_column("system")
-            for g in segs:
-                t.add_column(g, justify="right")
-            for name, r in s["systems"].items():
-                t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
-            console.print(t)
-        _render_comparisons(s)
-        if s.get("served"):
-            console.print(run_eval.served_line(s["served"]))
-        console.print(f"report: {s['report']} (per-segment comparisons there; per-query values: {s['per_query']})")
-    _emit(s, as_json, render)
+    _emit(s, as_json, _render_evaluation)
+
+
+def _render_evaluation(s: dict) -> None:
+    """`assay evaluate`'s tables, comparisons and the served system."""
+    segs = ["all"] + list(s["segments"])
+    for m in ("ndcg@10", "embarrassing@10", "recall@100"):
+        t = Table(title=f"{m} on {s['queries']} {s['split']} queries ({s['judgments']} judgments; "
+                        f"segments {s['segments']})")
+        t.add_column("system")
+        for g in segs:
+            t.add_column(g, justify="right")
+        for name, r in s["systems"].items():
+            t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
+        console.print(t)
+    _render_comparisons(s)
+    if s.get("served"):
+        from assay.eval.run import served_line
+
+        console.print(served_line(s["served"]))
+    console.print(f"report: {s['report']} (per-segment comparisons there; per-query values: {s['per_query']})")
 
 
 def _render_comparisons(ev: dict) -> None:

@@ -199,3 +199,17 @@ def test_the_report_names_the_system_serving_would_answer_with(tmp_path):
         elsewhere = tmp_path / "elsewhere"
         got = served_system(AssayConfig(serve={"checkpoint": str(elsewhere)}), s, systems)
         assert got["system"] == "served" and systems["served"] == str(elsewhere)
+
+
+def test_cli_prints_what_serving_answers_with(capsys):
+    from assay import cli
+
+    row = {"all": {"ndcg@10": 0.9, "embarrassing@10": 0.03, "recall@100": 0.8}}
+    res = {"segments": {}, "queries": 5, "split": "test", "judgments": "truth", "report": "r.html",
+           "per_query": "pq.csv", "systems": {"curriculum": row, "baseline-graded": row},
+           "served": {"serve.checkpoint": "best", "path": "/x/baseline-graded/best", "system": "baseline-graded"}}
+    cli._render_evaluation(res)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "serve.checkpoint best: `assay export-index` serves baseline-graded (/x/baseline-graded/best)" in out
+    cli._render_evaluation({**res, "served": None})
+    assert "serves" not in capsys.readouterr().out
