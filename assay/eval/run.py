@@ -41,8 +41,8 @@ def served_system(cfg: AssayConfig, store: Store, systems: dict[str, str]) -> di
         path = resolve_checkpoint(store, cfg.serve.checkpoint)
     except ValueError:
         return None
-    same = next((n for n, p in systems.items() if p not in ("bm25", "base") and Path(p).resolve() == Path(path).resolve()),
-                None)
+    target = Path(path).resolve()
+    same = next((n for n, p in systems.items() if p not in ("bm25", "base") and Path(p).resolve() == target), None)
     if same is None:
         systems["served"] = path
     return {"serve.checkpoint": cfg.serve.checkpoint, "path": path, "system": same or "served"}
