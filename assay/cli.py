@@ -601,6 +601,8 @@ def _render_evaluation(s: dict) -> None:
             t.add_row(name, *[f"{r.get(g, {}).get(m, float('nan')):.4f}" for g in segs])
         console.print(t)
     _render_comparisons(s)
+    if s.get("backend_note"):
+        console.print(f"[yellow]warning:[/yellow] {s['backend_note']}")
     if s.get("served"):
         from assay.eval.run import served_line
 

@@ -151,6 +151,32 @@ def test_hybrid_and_qrels_in_the_evaluation(curriculum_ws, tmp_path):
     assert res["judgments"] == "qrels (qrels.txt)" and res["systems"]["hybrid"]["of"] == ["bm25", "base encoder"]
     folder = Path(res["report"]).parent
     assert json.loads((folder / "metrics.json").read_text())["systems"].keys() == res["systems"].keys()
+    # one dense system: its backend is reported and there is nothing to warn about
+    assert list(res["backends"]) == ["base encoder"] and res["backend_note"] is None
+    assert res["backends"]["base encoder"] in ("onnx-int8", "onnx")
+    assert "Encoder backend of each dense system" in (folder / "report.html").read_text()
+
+
+def test_a_comparison_across_encoder_backends_is_flagged(capsys):
+    """`models.backend: auto` lets the int8 guard choose per model; when the dense systems end up on different
+    backends the evaluation says so, names which ran where, and how to compare them on one."""
+    from assay import cli
+    from assay.eval.retrieval import mixed_backends
+
+    assert mixed_backends({}) is None
+    assert mixed_backends({"curriculum": "onnx-int8", "base encoder": "onnx-int8"}) is None
+    note = mixed_backends({"curriculum": "onnx-int8", "baseline-binary": "onnx", "base encoder": "onnx-int8"})
+    assert "onnx-int8: curriculum, base encoder; onnx: baseline-binary" in note
+    assert note.endswith("-s models.backend=onnx")
+    assert mixed_backends({"a": "torch", "b": "onnx-int8"}).endswith("-s models.backend=torch")
+    row = {"all": {"ndcg@10": 0.9, "embarrassing@10": 0.03, "recall@100": 0.8}}
+    res = {"segments": {}, "queries": 5, "split": "test", "judgments": "truth", "report": "r.html",
+           "per_query": "pq.csv", "systems": {"curriculum": row, "baseline-binary": row}, "backend_note": note}
+    cli._render_evaluation(res)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: the dense systems were searched on different encoder backends" in out
+    cli._render_evaluation({**res, "backend_note": None})
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_cli_prints_the_comparison_with_the_reference_named(capsys):

@@ -200,15 +200,34 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
         summary, per_query["hybrid"] = _score(fused, qids, judged, source, segments, t0)
         results["hybrid"] = {**summary, "of": list(hybrid)}
     seg_names, seg_counts = np.unique(segments, return_counts=True)
+    backends = {n: r["backend"]["backend"] for n, r in results.items() if "backend" in r}
     ref = reference or ("curriculum" if "curriculum" in results else "base encoder")
     comparisons = compare(per_query, ref, segments, n_boot=bootstrap, confidence=confidence, seed=seed) \
         if bootstrap and ref in results else {}
     return {"split": split, "queries": len(qids), "judgments": source,
             "spell": {"enabled": speller is not None, "corrected_queries": corrected},
             "segments": {str(s): int(c) for s, c in zip(seg_names, seg_counts)}, "systems": results,
+            "backends": backends, "backend_note": mixed_backends(backends),
             "reference": ref if comparisons else None, "confidence": confidence, "comparisons": comparisons,
             "per_query": {"query_id": qids, "segment": list(segments),
                           **{f"{n}|{m}": [r.get(m) for r in rows] for n, rows in per_query.items() for m in COMPARED}}}
+
+
+def mixed_backends(backends: dict[str, str]) -> str | None:
+    """A warning when the dense systems were searched on different encoder backends (None when they were not).
+
+    Under ``models.backend: auto`` each model is tried as int8 first and falls back to fp32 ONNX when it fails the
+    accuracy guard, so two models of one workspace can end up on different backends, and their difference then
+    includes the backend's (a few thousandths of NDCG@10 where we measured it)."""
+    by: dict[str, list[str]] = {}
+    for name, backend in backends.items():
+        by.setdefault(backend, []).append(name)
+    if len(by) < 2:
+        return None
+    parts = "; ".join(f"{b}: {', '.join(names)}" for b, names in by.items())
+    fixed = "onnx" if "onnx" in by else next(iter(by))
+    return (f"the dense systems were searched on different encoder backends ({parts}), so their differences include "
+            f"the backend's; to compare them on one, run again with -s models.backend={fixed}")
 
 
 def compare(per_query: dict[str, list[dict]], reference: str, segments: list[str], *, n_boot: int,

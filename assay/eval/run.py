@@ -74,8 +74,8 @@ def run(cfg: AssayConfig, store: Store, *, split: str = "test", checkpoints: dic
         folder = store.artifacts / "reports" / f"eval-{utcnow():%Y%m%dT%H%M%S}"
         res["report"] = str(_report(folder, res))
         res["per_query"] = str(_per_query_csv(folder / "per_query.csv", per_query))
-        keys = ("split", "queries", "judgments", "segments", "systems", "reference", "confidence", "comparisons",
-                "served")
+        keys = ("split", "queries", "judgments", "segments", "systems", "backends", "backend_note", "reference",
+                "confidence", "comparisons", "served")
         (folder / "metrics.json").write_text(json.dumps({k: res[k] for k in keys}, indent=1))
         store.finish_run(run_id, res)
     return res
@@ -214,6 +214,10 @@ def _report(folder: Path, res: dict) -> Path:
     sections.append(("Charts", img("ndcg10.png") + img("embarrassing10.png")))
     if res.get("served"):
         sections.append(("What serving answers with", f"<p>{served_line(res['served'])}</p>"))
+    if res.get("backends"):
+        note = f"<p><b>Warning:</b> {res['backend_note']}</p>" if res.get("backend_note") else ""
+        sections.append(("Encoder backend of each dense system (`models.backend`)",
+                         note + table_html(["system", "backend"], [[n, b] for n, b in res["backends"].items()])))
     if res.get("comparisons"):
         sections.append((f"{res['reference']} minus each system, same queries (paired bootstrap over queries)",
                          f"<p>Mean per-query difference with its confidence interval; P(ref better) is the share "
