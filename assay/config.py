@@ -421,6 +421,11 @@ class TrainConfig(Section):
                                     "soft-target mass only to items graded at least this; a grade-0 item is a "
                                     "negative like the in-batch ones even when the mining prior lifts its target "
                                     "(0 = mass on every target above 0)")
+    listwise_gain: Literal["linear", "exponential"] = Field(
+        "linear", description="how the in-batch softmax losses (mnr, mixed) share a query's soft-target mass among its "
+                              "own items: linear (in proportion to the target t) or exponential (to 2^(4t) - 1, "
+                              "NDCG@10's gain of t read as a grade: a grade-1 item gets about a twelfth of a grade-4 "
+                              "item's share instead of a quarter); binary targets are not affected")
     triplet_margin: float = Field(0.3, gt=0)
     bce_scale_init: float = Field(20.0, gt=0, description="initial learnable temperature of the BCE loss")
     query_max_length: int = Field(32, ge=4)

@@ -163,6 +163,35 @@ def test_listwise_losses_give_no_mass_to_grade_0_items():
     assert torch.isclose(on, hand) and not torch.isclose(on, off) and torch.equal(pw, pw0)
 
 
+def test_exponential_listwise_gain_shares_the_mass_like_ndcg():
+    """``listwise_gain: exponential`` turns each listwise target t into 2^(4t) - 1 before the loss normalises
+    the targets per query: a grade-4 positive (0.85) next to a grade-1 negative (0.2125) takes 92% of the mass
+    instead of 80%, binary targets keep their shares, zeroed grade-0 items stay at 0, and the loss equals the
+    one on hand-transformed targets."""
+    from assay.trainer.data import Batch
+    from assay.trainer.losses import ListwiseMNRLoss
+
+    targets = np.array([[0.85, 0.2125, 0.04], [1.0, 0.0, 0.0]], np.float32)
+    grades = np.array([[4.0, 1.0, 0.0], [np.nan, np.nan, np.nan]], np.float32)
+    b = Batch(np.array([0, 1]), np.array([[0, 1, 2], [3, 4, 5]]), targets, np.ones((2, 3), bool), grades)
+    lin, exp = b.listwise_targets(1), b.listwise_targets(1, "exponential")
+    share = lambda t: t / t.sum(axis=1, keepdims=True)  # noqa: E731
+    assert np.allclose(share(lin)[0], [0.8, 0.2, 0.0])
+    want = np.array([2 ** 3.4 - 1, 2 ** 0.85 - 1, 0.0])
+    assert np.allclose(share(exp)[0], want / want.sum(), atol=1e-5) and share(exp)[0, 0] > 0.91
+    assert share(exp)[1].tolist() == share(lin)[1].tolist() == [1.0, 0.0, 0.0]  # binary: unchanged shares
+    with pytest.raises(ValueError, match="linear or exponential"):
+        b.listwise_targets(1, "cubic")
+    rng = torch.Generator().manual_seed(0)
+    sims = torch.rand(2, 6, generator=rng)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    loss = ListwiseMNRLoss(scale=20.0)
+    hand = torch.as_tensor(np.where(targets > 0, 2 ** (4 * targets) - 1, 0), dtype=torch.float32)
+    hand[0, 2] = 0  # the grade-0 item, zeroed by listwise_min_grade 1
+    assert torch.isclose(loss(sims, torch.as_tensor(exp), mask), loss(sims, hand, mask))
+    assert not torch.isclose(loss(sims, torch.as_tensor(exp), mask), loss(sims, torch.as_tensor(lin), mask))
+
+
 def test_freeze_layers_train_only_the_layers_above(tmp_path):
     from assay.trainer.data import GroupSampler, GroupSpec
     from assay.trainer.loop import PhaseSpec, train_phase

@@ -40,14 +40,22 @@ class Batch(NamedTuple):
     mask: np.ndarray       # (B, G) bool
     grades: np.ndarray | None = None  # (B, G) float32 label grade, NaN = none (padding, click positives)
 
-    def listwise_targets(self, min_grade: int) -> np.ndarray:
+    def listwise_targets(self, min_grade: int, gain: str = "linear") -> np.ndarray:
         """Targets for the in-batch softmax losses: an item graded below ``min_grade`` gets none of the soft-target
         mass, whatever its target (a mining prior lifts grade-0 targets a little above 0, which in a softmax would
-        rank it above every in-batch item); items without a grade keep theirs."""
-        if self.grades is None or min_grade <= 0:
-            return self.targets
-        low = ~np.isnan(self.grades) & (np.nan_to_num(self.grades, nan=np.inf) < min_grade)
-        return np.where(low, 0.0, self.targets).astype(np.float32)
+        rank it above every in-batch item); items without a grade keep theirs. ``gain`` ``exponential`` then maps
+        each target t to ``2^(4t) - 1``, NDCG's gain of t read as a grade on 0-4 (the losses normalise the targets
+        per query, so a linear target's share becomes a gain's share); 0 stays 0 and binary targets keep their
+        shares."""
+        t = self.targets
+        if self.grades is not None and min_grade > 0:
+            low = ~np.isnan(self.grades) & (np.nan_to_num(self.grades, nan=np.inf) < min_grade)
+            t = np.where(low, 0.0, t).astype(np.float32)
+        if gain == "exponential":
+            t = np.exp2(4.0 * np.clip(t, 0.0, 1.0)).astype(np.float32) - np.float32(1.0)
+        elif gain != "linear":
+            raise ValueError(f"listwise gain {gain!r}: linear or exponential")
+        return t
 
 
 @dataclass

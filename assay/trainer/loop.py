@@ -252,9 +252,10 @@ def encode_by_length(fn, texts: list[str], chunk: int) -> torch.Tensor:
 
 
 def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batch: Batch, rand_items: np.ndarray,
-                 dist: Dist, item_chunk: int = 32, listwise_min_grade: int = 0) -> tuple[torch.Tensor, int]:
+                 dist: Dist, item_chunk: int = 32, listwise_min_grade: int = 0,
+                 listwise_gain: str = "linear") -> tuple[torch.Tensor, int]:
     """Encode one (local) batch and return (loss, in-batch columns seen by each query). The in-batch softmax
-    losses (mnr, mixed) read :meth:`Batch.listwise_targets` with ``listwise_min_grade``."""
+    losses (mnr, mixed) read :meth:`Batch.listwise_targets` with ``listwise_min_grade`` and ``listwise_gain``."""
     B, G = batch.item_idx.shape
     dev = model.device
     q = model.encode_queries([data.query_texts[i] for i in batch.query_idx])
@@ -266,7 +267,8 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
     items[torch.as_tensor(np.flatnonzero(valid), device=dev)] = enc[torch.as_tensor(inv, device=dev)]
     mask = torch.as_tensor(batch.mask, device=dev)
     listwise = loss_name in ("mnr", "mixed")
-    targets = torch.as_tensor(batch.listwise_targets(listwise_min_grade) if listwise else batch.targets, device=dev)
+    targets = torch.as_tensor(batch.listwise_targets(listwise_min_grade, listwise_gain) if listwise else batch.targets,
+                              device=dev)
     ids_all = flat
     mask_all = mask.reshape(-1)
     if dist.enabled:  # local items first, then every other rank's, so own columns stay at b*G+g
@@ -347,7 +349,7 @@ def train_phase(model: TwoTower, data: TrainData, spec: PhaseSpec, folder: Path,
         rand = spec.sampler.random_items(step, spec.random_negatives) if spec.loss == "mixed" else np.zeros(0, np.int64)
         with _autocast(device, cfg.precision):
             loss, cols = forward_loss(model, loss_fn, spec.loss, data, batch, rand, dist, cfg.item_chunk,
-                                      cfg.listwise_min_grade)
+                                      cfg.listwise_min_grade, cfg.listwise_gain)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if dist.enabled:

@@ -57,6 +57,8 @@ def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str, spell
     if cfg.val_metric == "rerank":  # the default selection: keys (and folders) as before these settings existed
         relevant.pop("val_metric")
         relevant.pop("val_catalog_random")
+    if cfg.listwise_gain == "linear":  # likewise for the default soft-target shares
+        relevant.pop("listwise_gain")
     parts = [json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))]
     if spell is not None and spell.enabled:  # the query text the model learns from
         parts.append(json.dumps(spell.model_dump(mode="json"), sort_keys=True))
