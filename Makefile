@@ -23,7 +23,7 @@ $(DEMO_STAMP): pyproject.toml $(VENV)/bin/python
 	touch $@
 
 $(STAMP): pyproject.toml $(VENV)/bin/python
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[dev,llm,serve]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[dev,llm,serve,ray]"
 	touch $(DEMO_STAMP) $@
 
 install: $(STAMP)
