@@ -77,18 +77,27 @@ def _stage(ctx: "Ctx", fn, read_only: bool = False):
 def _setup_logging(quiet: bool) -> None:
     from rich.logging import RichHandler
 
+    from assay.store import RedactingFilter
+
+    handler = RichHandler(console=err, show_path=False, show_time=False)
+    handler.addFilter(RedactingFilter())  # secrets (URL credentials, api_key=, bearer tokens) never reach the terminal
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
+                        handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "numba", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    from assay.store import redact_text
+
+    err.print(f"[bold red]error:[/] {redact_text(msg)}", highlight=False)
     raise typer.Exit(code)
 
 
 def _emit(summary: Any, as_json: bool, render) -> None:
+    from assay.store import redact
+
+    summary = redact(summary)  # what is printed is what runs records: no credentials
     if as_json:
         console.print_json(json.dumps(summary, default=str))
     else:
@@ -834,9 +843,9 @@ def runs(limit: int = typer.Option(20), workspace: Optional[Path] = WorkspaceOpt
 @config_app.command("show")
 def config_show(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
                 set_: Optional[list[str]] = SetOpt) -> None:
-    """Print the effective config (defaults + file + overrides) as YAML."""
+    """Print the effective config (defaults + file + overrides) as YAML, secrets redacted (as in `runs`)."""
     ctx = Ctx(workspace, config, set_, True)
-    sys.stdout.write(dump_config(ctx.cfg))
+    sys.stdout.write(dump_config(ctx.cfg, redacted=True))
 
 
 def _kv_table(title: str, d: dict) -> None:

@@ -461,7 +461,9 @@ class TrainConfig(Section):
                                                                "stages' steps (the same budget)")
     baseline_learning_rate: float = Field(2e-5, gt=0)
     click_min_clicks: int = Field(1, ge=1, description="click baseline: clicks that make a (query, item) positive")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA and on a CPU "
+                                                                         "with native bf16 (AVX512-BF16 or AMX), fp32 "
+                                                                         "elsewhere; bf16 is refused on a CPU without it")
     seed: int = 13
 
     @model_validator(mode="after")
@@ -647,5 +649,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_explain(e, AssayConfig)) from None
 
 
-def dump_config(cfg: AssayConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: AssayConfig, redacted: bool = False) -> str:
+    """The config as YAML; ``redacted`` puts it through assay.store.redact (credentials in URLs, secret keys)."""
+    data = cfg.model_dump(mode="json")
+    if redacted:
+        from assay.store import redact
+
+        data = redact(data)
+    return yaml.safe_dump(data, sort_keys=False)

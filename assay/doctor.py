@@ -112,7 +112,7 @@ def run(root: str | Path, *, fix: bool = False) -> dict:
                              "no run was cut off",
                              "re-run " + ", ".join(f"`assay {_command(s)}`" for s, _ in stale) +
                              " (each resumes where it stopped)" if stale else ""))
-        found.extend(_annotation(store))
+        found.extend(_guarded("annotation", _annotation, store))
         orphans = {t: int(store.scalar(f"SELECT count(*) {_orphan_sql(t)}")) for t in ORPHANS}
         orphans["label_votes without label"] = int(store.scalar(f"SELECT count(*) {VOTES_WITHOUT_LABEL}"))
         orphans["examples without label"] = int(store.scalar(f"SELECT count(*) {EXAMPLES_WITHOUT_LABEL}"))
@@ -138,8 +138,25 @@ def run(root: str | Path, *, fix: bool = False) -> dict:
                              f"{len(missing)} checkpoint folder(s) missing, e.g. {missing[0]}" if missing else
                              "every checkpoint folder exists",
                              "`assay train` (it retrains what is missing)" if missing else ""))
-        found.extend(_indexes(store))
+        found.extend(_guarded("indexes", _indexes, store))
     return _summary(root, found, fixed)
+
+
+def _has_table(store: Store, name: str) -> bool:
+    return bool(store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))
+
+
+def _guarded(check: str, fn, store: Store) -> list[Finding]:
+    """``fn(store)``'s findings; a check whose SQL fails is an ``error`` finding that names the error (never "ok",
+    and the checks after it still run)."""
+    import duckdb
+
+    try:
+        return fn(store)
+    except duckdb.Error as e:
+        return [Finding(check, "error", 0, f"the {check} check could not run: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}", "`assay doctor --fix` runs the migrations; if "
+                        "the error stays, the workspace needs repair (report this error)")]
 
 
 def _command(stage: str) -> str:
@@ -155,12 +172,9 @@ def _annotation(store: Store) -> list[Finding]:
         sha = newest_cascade(store)
     except ValueError:
         return [Finding("annotation", "ok", 0, "nothing annotated yet")]
-    try:
-        todo = int(store.scalar(f"""SELECT count(*) FROM ({work_sql(['candidates', 'negatives'])}) w
-                                    WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id
-                                    AND l.item_id = w.item_id AND l.cascade_sha = ? AND l.status = 'ok')""", [sha]))
-    except Exception:  # noqa: BLE001 - a workspace without mining tables
-        todo = 0
+    todo = int(store.scalar(f"""SELECT count(*) FROM ({work_sql(['candidates', 'negatives'])}) w
+                                WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id
+                                AND l.item_id = w.item_id AND l.cascade_sha = ? AND l.status = 'ok')""", [sha]))
     failed = int(store.scalar("SELECT count(*) FROM labels WHERE cascade_sha = ? AND status = 'failed'", [sha]))
     status = "warn" if todo or failed else "ok"
     return [Finding("annotation", status, todo, f"cascade {sha}: {todo:,} mined pairs without a label "

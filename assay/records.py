@@ -251,9 +251,10 @@ LABELS = _t(
         ("batch_id", "VARCHAR"),
         ("run_id", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
+        ("text_sha", "VARCHAR"),  # digest of the query and item texts the judges read (assay.text.pair_text_sha_sql)
     ],
     key=("query_id", "item_id", "cascade_sha"),
-    doc="Cascade labels, one per (query, item, cascade config sha).",
+    doc="Cascade labels, one per (query, item, cascade config sha), bound to the texts they judged (text_sha).",
 )
 
 LABEL_VOTES = _t(
@@ -274,9 +275,33 @@ LABEL_VOTES = _t(
         ("tokens", "INTEGER"),
         ("batch_id", "VARCHAR"),
         ("run_id", "VARCHAR"),
+        ("text_sha", "VARCHAR"),  # the texts this vote judged (as labels.text_sha)
     ],
     key=("query_id", "item_id", "cascade_sha", "judge"),
     doc="Every judge's vote on every pair it saw, with its raw output and parse status.",
+)
+
+WORK_SHARDS = _t(
+    "work_shards",
+    [
+        ("plan_id", "VARCHAR NOT NULL"),
+        ("shard_id", "VARCHAR NOT NULL"),
+        ("cascade_sha", "VARCHAR NOT NULL"),
+        ("path", "VARCHAR NOT NULL"),  # the input Parquet shard (pending pairs, sorted by query)
+        ("rows", "BIGINT NOT NULL"),
+        ("sha256", "VARCHAR NOT NULL"),  # of the input shard file
+        ("first_query", "VARCHAR"),
+        ("last_query", "VARCHAR"),
+        ("state", "VARCHAR NOT NULL"),  # planned | committed (running and finished are read from the files)
+        ("attempt", "VARCHAR"),  # the output attempt committed
+        ("failed", "BIGINT"),  # failed rows committed (picked up by the next plan)
+        ("note", "VARCHAR"),  # why the last commit refused the shard
+        ("run_id", "VARCHAR"),  # the run that planned it
+        ("created_at", "TIMESTAMP"),
+        ("committed_at", "TIMESTAMP"),
+    ],
+    key=("plan_id", "shard_id"),
+    doc="Shards of pending pairs planned for `assay annotate --engine ray` and their state (assay.scale).",
 )
 
 LABEL_REQUESTS = _t(
@@ -370,6 +395,7 @@ ALL_TABLES: dict[str, TableSchema] = {
     for t in [
         PRODUCTS, QUERIES, ENGAGEMENT, HUMAN_LABELS, REJECTS, RUNS, META, TRUTH_ITEMS, TRUTH_QUERIES,
         CANDIDATES, NEGATIVES, MINING_PROGRESS, CHANNEL_HITS, LABELS, LABEL_VOTES, LABEL_REQUESTS, AUDIT_SAMPLES,
+        WORK_SHARDS,
         EXAMPLES, CHECKPOINTS, INDEXES,
     ]
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from assay.annotate.pairs import count_stale
 from assay.records import ALL_TABLES
 from assay.store import Store
 
@@ -53,8 +54,18 @@ def workspace_summary(store: Store) -> dict:
     if t["candidates"]["rows"]:
         nq, avg = _one(store, "SELECT count(DISTINCT query_id), count(*) / count(DISTINCT query_id) FROM candidates")
         t["candidates"]["details"] = f"{nq:,} queries, {avg:,.0f} candidates per query"
+        from assay.mining.run import stale_inputs
+
+        changed = stale_inputs(store)
+        if changed:
+            t["candidates"]["stale_inputs"] = changed
+            t["candidates"]["details"] += f" (stale: {', '.join(changed)} changed since mining; `assay mine`)"
     if t["labels"]["rows"]:
         t["labels"]["details"] = _dist(store, "SELECT coalesce(decided_by, status), count(*) FROM labels GROUP BY 1 ORDER BY 2 DESC")
+        t["labels"]["stale"] = count_stale(store)
+        if t["labels"]["stale"]:
+            t["labels"]["details"] += (f" | {t['labels']['stale']:,} stale (texts changed since labeled; "
+                                       "`assay annotate` relabels them)")
     if t["examples"]["rows"]:
         t["examples"]["details"] = (_dist(store, """SELECT ['easy_pos', 'hard_pos', 'hard_neg', 'token_sim_neg',
                                                           'random_neg'][tier], count(*) FROM examples GROUP BY tier

@@ -44,22 +44,65 @@ log = logging.getLogger(__name__)
 _SECRET_KEY = re.compile(r"^(?:.*[_-])?(?:api[_-]?key|token|secret|password|passwd|authorization|credentials?|bearer)$",
                          re.I)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-_URL_SECRET_PARAM = re.compile(r"(?P<k>[?&](?:api[_-]?key|key|token|access_token|sig|signature|password|secret)=)"
-                               r"[^&#\s\"']+", re.I)
+_URL_SECRET_PARAM = re.compile(r"(?P<k>(?:^|[?&;\s\"'])(?:api[_-]?key|key|token|access_token|sig|signature|password|"
+                               r"secret)=)[^&#\s\"']+", re.I)
+# an Authorization header's value (with its scheme word kept), then any "Bearer <token>" left in free text
+_AUTH_VALUE = re.compile(r"(?P<k>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)"
+                         r"[^\s,;\"'}\]]+", re.I)
+_BEARER = re.compile(r"(?P<k>\bbearer\s+)[^\s,;\"'}\]]+", re.I)
 REDACTED = "***"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with secrets replaced by ***: URL userinfo (``user:password@``), the values of ``api_key=``,
+    ``token=``, ``key=``, ``access_token=``, ``sig=``, ``password=``, ``secret=`` parameters, Authorization header
+    values and ``Bearer <token>`` strings. The one redaction assay applies to everything it records, logs or
+    prints (runs, summaries, errors from endpoints, `assay config show`)."""
+    if not isinstance(text, str) or not text:
+        return text
+    out = _URL_CREDENTIALS.sub(rf"\g<scheme>{REDACTED}@", text) if "://" in text else text
+    if "=" in out:
+        out = _URL_SECRET_PARAM.sub(rf"\g<k>{REDACTED}", out)
+    low = out.lower()
+    if "authorization" in low:
+        out = _AUTH_VALUE.sub(rf"\g<k>{REDACTED}", out)
+    if "bearer" in low:
+        out = _BEARER.sub(rf"\g<k>{REDACTED}", out)
+    return out
 
 
 def redact(obj: Any) -> Any:
     """A copy of ``obj`` (config, summary) safe to record: values of secret-named keys (api_key, token, password,
-    secret, authorization ...) and credentials inside URLs (user:password@, ?api_key=) are replaced by ***."""
+    secret, authorization ...) are replaced by ***, and every other string goes through :func:`redact_text`."""
     if isinstance(obj, dict):
         return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.match(k) and isinstance(v, str) and v
                     else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
-    if isinstance(obj, str) and ("://" in obj or "=" in obj):
-        return _URL_SECRET_PARAM.sub(rf"\g<k>{REDACTED}", _URL_CREDENTIALS.sub(rf"\g<scheme>{REDACTED}@", obj))
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that puts every record's message (and its formatted exception) through :func:`redact_text`.
+    ``assay.cli`` installs it on its log handler, so nothing a library logs reaches the terminal unredacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except (TypeError, ValueError) as e:  # a bad format string: log what we can, say why
+            msg = f"{record.msg!r} (unformattable log arguments: {e})"
+        red = redact_text(msg)
+        if red != msg or record.args:
+            record.msg, record.args = red, None
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = str(exc)
+            if redact_text(text) != text:  # keep the type, drop the secret-bearing traceback text
+                record.msg = f"{record.msg}: {type(exc).__name__}: {redact_text(text)}"
+                record.exc_info, record.exc_text = None, None
+        return True
 
 
 DB_NAME = "assay.duckdb"
@@ -439,8 +482,11 @@ class Store:
         try:
             yield run_id
         except BaseException as e:
-            with contextlib.suppress(Exception):
+            try:
                 self.finish_run(run_id, {"error": f"{type(e).__name__}: {e}"}, status="failed")
+            except Exception as rec:  # the stage's own error is the one to raise; say why it was not recorded
+                log.warning("run %s (%s) failed, and recording the failure failed too: %s: %s", run_id, stage,
+                            type(rec).__name__, redact_text(str(rec)))
             raise
         if self.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "running":
             self.finish_run(run_id)

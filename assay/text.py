@@ -68,3 +68,26 @@ def digest(parts: Iterable[str | bytes]) -> str:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+# The fields a judge reads for one (query, item) pair: exactly what assay.annotate.base.Pair carries to every
+# template and to the features judge. Every prompts/ template renders all of them.
+PAIR_TEXT_FIELDS = ("{q}.text", "{p}.title", "{p}.description", "{p}.brand", "{p}.category",
+                    "CAST({p}.attributes AS VARCHAR)")
+
+
+def pair_text_sha_sql(q: str = "q", p: str = "p") -> str:
+    """DuckDB SQL for the digest of the texts the judges read for a pair: the query's text (table alias ``q``) and
+    the product's title, description, brand, category and attributes (alias ``p``). A label records it
+    (``labels.text_sha``); a label whose digest differs from the one computed now judged text that has since
+    changed, so the pair is annotated again and nothing downstream reads the old grade. NULL and '' differ."""
+    parts = [f"coalesce({f.format(q=q, p=p)}, chr(30))" for f in PAIR_TEXT_FIELDS]
+    return f"md5(concat_ws(chr(31), {', '.join(parts)}))"
+
+
+def stamp_text_sha_sql(table: str) -> str:
+    """An UPDATE that sets ``table.text_sha`` (labels, label_votes) to the digest of the texts the workspace holds
+    now: the v9 migration binds labels written before text digests existed to the texts of that moment."""
+    return (f"UPDATE {table} AS l SET text_sha = {pair_text_sha_sql()} FROM queries AS q, products AS p "
+            "WHERE q.query_id = l.query_id AND p.item_id = l.item_id")
+

@@ -159,6 +159,7 @@ def labeled_master(mined_master, tmp_path_factory) -> Path:
 
     from assay.data.judgments import load_oracle
     from assay.store import Store
+    from assay.text import stamp_text_sha_sql
 
     ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("labeled") / "ws")
     with Store.open(ws) as store:
@@ -175,9 +176,32 @@ def labeled_master(mined_master, tmp_path_factory) -> Path:
             "query_id": q.tolist(), "item_id": i.tolist(), "cascade_sha": ["fixture"] * n,
             "grade": pa.array(noisy, pa.int8()), "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs), 5),
             "decided_by": ["fixture"] * n, "confidence": pa.array(np.full(n, 0.84, np.float32)), "status": ["ok"] * n}))
+        store.exec(stamp_text_sha_sql("labels"))  # bound to the texts they "judged", as annotate binds its labels
     return ws
 
 
 @pytest.fixture()
 def labeled_workspace(labeled_master, tmp_path) -> Path:
     return copy_ws(labeled_master, tmp_path / "lws")
+
+
+def reingest_titles(store, item_ids: list[str], folder: Path, suffix: str = " waterproof") -> Path:
+    """Re-ingest the products ``item_ids`` through `assay ingest` (a generic products file) with ``suffix`` appended
+    to each title, as a catalog update would; returns the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from assay.config import IngestConfig
+    from assay.data import ingest
+
+    rows = store.query("SELECT item_id, title, description, brand, category, CAST(attributes AS VARCHAR) AS attributes,"
+                       " popularity FROM products WHERE item_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY item_id",
+                       [list(item_ids)])
+    assert rows.num_rows == len(set(item_ids)), "unknown item ids"
+    rows = rows.set_column(1, "title", pa.array([t + suffix for t in rows.column("title").to_pylist()]))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "products.parquet"
+    pq.write_table(rows, path)
+    rep = ingest.run(IngestConfig(), store, files={"products": path}, progress=False)
+    assert rep["tables"]["products"]["replaced"] == rows.num_rows, rep
+    return path

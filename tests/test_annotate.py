@@ -100,6 +100,52 @@ def test_annotate_writes_labels_and_votes_and_is_idempotent(calibrated):
         assert s.scalar("SELECT count(*) FROM (SELECT query_id, item_id FROM labels GROUP BY 1, 2 HAVING count(*) > 1)") == 0
 
 
+def test_a_catalog_update_relabels_exactly_the_pairs_whose_texts_changed(calibrated, tmp_path):
+    """Labels are bound to the texts they judged: after a re-ingest that edits some titles, only the pairs of those
+    items are pending again; annotating relabels them with the same cascade and leaves every other label alone.
+    Curriculum, export, summary and doctor count the stale labels until then."""
+    from assay import doctor
+    from assay.annotate.pairs import count_stale
+    from assay.mining.run import stale_inputs
+    from assay.report import workspace_summary
+
+    from conftest import reingest_titles
+
+    cfg = acfg(batch_size=100)
+    with Store.open(calibrated) as s:
+        keep = [q for (q,) in s.exec("SELECT DISTINCT query_id FROM candidates ORDER BY 1 LIMIT 3")]
+        for t in ("candidates", "negatives"):  # a small work set: three queries' mined pairs
+            s.exec(f"DELETE FROM {t} WHERE query_id NOT IN (SELECT unnest(?::VARCHAR[]))", [keep])
+        first = batches.run(cfg, s, progress=False)
+        assert first["after"]["pending"] == 0 and first["failed"] == 0
+        before = {(q, i): (r, t) for q, i, r, t in s.exec("SELECT query_id, item_id, run_id, text_sha FROM labels")}
+        assert all(t for _, t in before.values())
+        changed = [i for (i,) in s.exec("SELECT DISTINCT item_id FROM candidates ORDER BY hash(item_id) LIMIT 8")]
+        reingest_titles(s, changed, tmp_path / "update")
+        touched = {k for k in before if k[1] in changed}
+        assert len(touched) >= 8
+        assert count_stale(s) == len(touched) and stale_inputs(s) == ["products"]
+        dry = batches.run(cfg, s, dry_run=True)
+        assert dry["to_annotate"] == dry["stale"] == len(touched), dry
+        assert workspace_summary(s)["tables"]["labels"]["stale"] == len(touched)
+    rep = doctor.run(calibrated)
+    ann = next(f for f in rep["findings"] if f["check"] == "annotation")
+    assert ann["status"] == "warn" and ann["count"] == len(touched) and f"{len(touched):,} stale" in ann["detail"]
+    assert next(f for f in rep["findings"] if f["check"] == "mining")["status"] == "warn"
+    with Store.open(calibrated) as s:
+        second = batches.run(cfg, s, progress=False)
+        assert second["annotated"] == len(touched) and second["after"]["pending"] == 0
+        after = {(q, i): (r, t) for q, i, r, t in s.exec("SELECT query_id, item_id, run_id, text_sha FROM labels")}
+        assert after.keys() == before.keys()
+        assert {k for k in after if after[k][0] != before[k][0]} == touched  # relabeled: exactly the changed pairs
+        assert all(after[k][1] != before[k][1] for k in touched)
+        assert all(after[k] == before[k] for k in after.keys() - touched)
+        assert count_stale(s) == 0
+        # no vote on the old text stays beside a new label
+        assert s.scalar("""SELECT count(*) FROM label_votes v JOIN labels l USING (query_id, item_id, cascade_sha)
+                           WHERE v.text_sha IS DISTINCT FROM l.text_sha""") == 0
+
+
 # the third batch is computed but never committed
 KILLER = kill9_script("assay.annotate.batches", "annotate_batch", 3, """
     from assay.config import AnnotateConfig

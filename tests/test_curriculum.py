@@ -17,6 +17,7 @@ from assay.curriculum import run as run_curriculum
 from assay.curriculum.targets import graded_targets, normalise_per_query
 from assay.curriculum.tiers import TIER_STAGE, PairColumns, assign_tiers, cap_per_query, split_of
 from assay.store import Store
+from assay.text import stamp_text_sha_sql
 
 N = np.nan
 
@@ -506,6 +507,7 @@ def test_newest_ok_label_of_a_pair_wins(ran):
     s.exec("""INSERT INTO labels (query_id, item_id, cascade_sha, grade, confidence, status, created_at) VALUES
               (?, ?, 'newer', 1, 0.5, 'ok', TIMESTAMP '2024-02-01'),
               (?, ?, 'newest-failed', 4, 0.9, 'failed', TIMESTAMP '2024-03-01')""", [q, i, q, i])
+    s.exec(stamp_text_sha_sql("labels"))
     run_curriculum(CurriculumConfig(), s)
     assert s.exec("SELECT tier, grade, weight FROM examples WHERE query_id = ? AND item_id = ?", [q, i]) == [(5, 1, 0.5)]
 

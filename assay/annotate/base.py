@@ -33,6 +33,7 @@ class Pair:
     brand: str | None = None
     category: str | None = None
     attributes: str | None = None  # JSON object text
+    text_sha: str | None = None  # digest of the texts above as the workspace holds them now (labels are bound to it)
 
     def context(self) -> dict:
         """Template variables for prompts/ templates."""
@@ -44,8 +45,10 @@ PAIR_COLUMNS = ["query_id", "item_id", "query", "title", "description", "brand",
 
 
 def pairs_from_arrow(tbl: pa.Table) -> list[Pair]:
-    cols = {c: tbl.column(c).to_pylist() for c in PAIR_COLUMNS}
-    return [Pair(*vals) for vals in zip(*(cols[c] for c in PAIR_COLUMNS))]
+    """Pairs from a table with PAIR_COLUMNS (and ``text_sha`` when the table has it)."""
+    names = PAIR_COLUMNS + (["text_sha"] if "text_sha" in tbl.column_names else [])
+    cols = {c: tbl.column(c).to_pylist() for c in names}
+    return [Pair(*vals) for vals in zip(*(cols[c] for c in names))]
 
 
 @dataclass

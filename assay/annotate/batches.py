@@ -6,7 +6,9 @@ judge's vote on every pair it saw: model, template sha, raw output, parse status
 tokens).
 
 Invariants:
-- Work is keyed by (query, item, cascade sha). A batch's labels and votes commit in one
+- Work is keyed by (query, item, cascade sha), and each label and vote carries ``text_sha``, the digest of the
+  query and item texts it judged: a pair whose text changed (a re-ingested catalog) is pending again and its
+  relabel replaces the stale label. A batch's labels and votes commit in one
   transaction, keyed upserts, so an interrupted run (even ``kill -9``) loses at most the batch
   in flight and a rerun writes every pair exactly once.
 - A pair that no judge could grade (unparseable output, a call that failed after retries) is
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from assay.annotate.base import N_GRADES, pairs_from_arrow
 from assay.annotate.cascade import accept_mask, route
-from assay.annotate.pairs import count_work, pending_pairs
+from assay.annotate.pairs import count_work, failure_reasons, pending_pairs
 from assay.annotate.runtime import Cascade, cascade_file, cascade_sha, load_cascade, thresholds_in_force
 from assay.config import AnnotateConfig
 from assay.store import Store, utcnow
@@ -74,6 +76,7 @@ def annotate_batch(cascade: Cascade, pairs: list, *, batch_id: str, run_id: str)
                 "probs": out.probs[r], "calibrated": cp[r], "raw": out.raw[r], "parse_status": out.parse_status[r],
                 "latency_ms": float(out.latency_ms[r]),
                 "tokens": int(out.tokens[r]) if out.tokens is not None and out.tokens[r] >= 0 else None,
+                "text_sha": pairs[i].text_sha,
             })
     dec = route(calibrated, names, cascade.thresholds)
     status = np.where(dec.grade >= 0, "ok", "failed")
@@ -90,6 +93,7 @@ def annotate_batch(cascade: Cascade, pairs: list, *, batch_id: str, run_id: str)
         "batch_id": pa.array([batch_id] * n, pa.string()),
         "run_id": pa.array([run_id] * n, pa.string()),
         "created_at": pa.array([now] * n, pa.timestamp("us")),
+        "text_sha": pa.array([p.text_sha for p in pairs], pa.string()),
     })
     vt = pa.table({
         "query_id": pa.array([v["query_id"] for v in votes], pa.string()),
@@ -107,11 +111,28 @@ def annotate_batch(cascade: Cascade, pairs: list, *, batch_id: str, run_id: str)
         "tokens": pa.array([v["tokens"] for v in votes], pa.int32()),
         "batch_id": pa.array([batch_id] * len(votes), pa.string()),
         "run_id": pa.array([run_id] * len(votes), pa.string()),
+        "text_sha": pa.array([v["text_sha"] for v in votes], pa.string()),
     })
     stats = {"decided_by": {}, "seconds": seconds, "failed": int((status == "failed").sum())}
     for b in dec.decided_by.tolist():
         stats["decided_by"][str(b)] = stats["decided_by"].get(str(b), 0) + 1
     return labels, vt, stats
+
+
+def write_labels(store: Store, labels: pa.Table, votes: pa.Table) -> None:
+    """Upsert a batch's labels and votes in one transaction. The pairs' earlier votes under the same cascade go
+    first: a pair relabeled because its text changed may be decided by fewer judges than before, and a vote on
+    the old text must not stay beside the new label."""
+    keys = labels.select(["query_id", "item_id", "cascade_sha"])
+    with store.transaction():
+        store.con.register("_relabeled", keys)
+        try:
+            store.exec("""DELETE FROM label_votes v USING _relabeled k WHERE v.query_id = k.query_id
+                          AND v.item_id = k.item_id AND v.cascade_sha = k.cascade_sha""")
+        finally:
+            store.con.unregister("_relabeled")
+        store.write("labels", labels, mode="upsert")
+        store.write("label_votes", votes, mode="upsert")
 
 
 def estimate(cfg: AnnotateConfig, store: Store) -> dict:
@@ -138,18 +159,29 @@ def estimate(cfg: AnnotateConfig, store: Store) -> dict:
 
 
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bool = False,
-        stop_after_batches: int | None = None, judges: list | None = None) -> dict:
+        stop_after_batches: int | None = None, judges: list | None = None,
+        skip: set[tuple[str, str]] | None = None) -> dict:
+    """Annotate the pending pairs (at most ``annotate.max_pairs``), failed ones included, except ``skip``. The
+    summary is recorded in ``runs``; the returned dict also lists ``failed_pairs`` (query_id, item_id) of this
+    launch, so a caller can bound how often a pair is retried."""
     if dry_run:
         return {"dry_run": True, **estimate(cfg, store)}
     from assay.annotate.fit import prepare_judges
 
+    from assay.mining.run import stale_inputs
+
+    changed = stale_inputs(store)
+    if changed:
+        log.warning("the mined pairs predate a change to %s: run `assay mine` first so the pairs (and the features "
+                    "judge's mining signals) follow the workspace as it is now", ", ".join(changed))
     cascade = load_cascade(cfg, store.artifacts, judges=judges or prepare_judges(cfg, store))
     before = count_work(store, cfg.sources, cascade.sha)
-    todo = pending_pairs(store, cfg.sources, cascade.sha, cfg.max_pairs)
+    todo = pending_pairs(store, cfg.sources, cascade.sha, cfg.max_pairs, skip=skip)
     n = todo.num_rows
     decided: dict[str, int] = {}
     judge_s: dict[str, float] = {}
     failed = 0
+    failed_pairs: list[tuple[str, str]] = []
     done_batches = 0
     t_start = time.perf_counter()
     with store.run("annotate", {"annotate": cfg.model_dump(mode="json"), "cascade_sha": cascade.sha},
@@ -161,14 +193,16 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bo
             batch_id = digest([cascade.sha, pairs[0].query_id, pairs[0].item_id, pairs[-1].query_id,
                                pairs[-1].item_id, len(pairs)])
             labels, votes, st = annotate_batch(cascade, pairs, batch_id=batch_id, run_id=run_id)
-            with store.transaction():
-                store.write("labels", labels, mode="upsert")
-                store.write("label_votes", votes, mode="upsert")
+            write_labels(store, labels, votes)
             for k, v in st["decided_by"].items():
                 decided[k] = decided.get(k, 0) + v
             for k, v in st["seconds"].items():
                 judge_s[k] = judge_s.get(k, 0.0) + v
             failed += st["failed"]
+            if st["failed"]:
+                failed_pairs += [(q, i) for q, i, ok in zip(labels.column("query_id").to_pylist(),
+                                                            labels.column("item_id").to_pylist(),
+                                                            labels.column("status").to_pylist()) if ok != "ok"]
             done_batches += 1
             bar.update(len(pairs))
             total = sum(decided.values())
@@ -186,6 +220,8 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bo
             "decided_by": decided, "decided_share": {k: round(v / max(n, 1), 4) for k, v in decided.items()},
             "failed": failed, "judge_seconds": {k: round(v, 1) for k, v in judge_s.items()},
             "before": before, "after": after,
+            "failure_reasons": failure_reasons(store, cascade.sha) if after["failed"] else [],
+            "mining_stale": changed or [],
         }
         store.finish_run(run_id, summary)
-    return summary
+    return {**summary, "failed_pairs": failed_pairs}

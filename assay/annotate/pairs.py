@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from assay.annotate.base import Pair, pairs_from_arrow
 from assay.store import Store
+from assay.text import pair_text_sha_sql
 
 _FIELDS = "q.text AS query, p.title, p.description, p.brand, p.category, CAST(p.attributes AS VARCHAR) AS attributes"
 
@@ -64,19 +65,75 @@ def work_sql(sources: list[str]) -> str:
     return " UNION ".join(parts)
 
 
-def pending_pairs(store: Store, sources: list[str], cascade_sha: str, limit: int | None = None) -> pa.Table:
-    """Work pairs without an ``ok`` label for this cascade, in a stable order."""
-    return store.query(f"""
-        SELECT w.query_id, w.item_id, {_FIELDS}
-        FROM ({work_sql(sources)}) w
-        JOIN queries q USING (query_id) JOIN products p USING (item_id)
-        WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id AND l.item_id = w.item_id
-                          AND l.cascade_sha = ? AND l.status = 'ok')
-        ORDER BY w.query_id, w.item_id {f'LIMIT {int(limit)}' if limit else ''}""", [cascade_sha])
+TEXT_SHA = pair_text_sha_sql("q", "p")
+
+
+def current_labels_sql(where: str = "") -> str:
+    """A subquery of the ``labels`` rows whose texts are still the ones the workspace holds (``text_sha`` equal to
+    the digest of the query and item texts now): what the curriculum, export, audit and agreement read. A label of a
+    pair whose product or query text changed after it was written is stale and is left out. ``where`` filters
+    ``labels`` (alias l) first, e.g. "l.status = 'ok'"."""
+    return f"""(SELECT l.* FROM labels l JOIN queries q ON q.query_id = l.query_id
+               JOIN products p ON p.item_id = l.item_id
+               WHERE l.text_sha = {TEXT_SHA}{f' AND ({where})' if where else ''})"""
+
+
+def count_stale(store: Store, cascade_sha: str | None = None) -> int:
+    """``ok`` labels (of one cascade, or of any) whose query or item text changed after they were written."""
+    where = "l.status = 'ok'" + (" AND l.cascade_sha = ?" if cascade_sha else "")
+    return int(store.scalar(f"""SELECT count(*) FROM labels l JOIN queries q ON q.query_id = l.query_id
+                                JOIN products p ON p.item_id = l.item_id
+                                WHERE {where} AND l.text_sha IS DISTINCT FROM {TEXT_SHA}""",
+                            [cascade_sha] if cascade_sha else []))
+
+
+def pending_pairs(store: Store, sources: list[str], cascade_sha: str, limit: int | None = None,
+                  skip: set[tuple[str, str]] | None = None) -> pa.Table:
+    """Work pairs without an ``ok`` label for this cascade and these texts, in a stable order, with the texts'
+    digest (``text_sha``) the new label will carry. A pair whose query or item text changed since its label was
+    written is pending again. ``skip``: (query_id, item_id) pairs left out (failed too often in this job)."""
+    skip_sql = ""
+    if skip:
+        store.con.register("_skip_pairs", pa.table({"query_id": [q for q, _ in skip], "item_id": [i for _, i in skip]}))
+        skip_sql = "AND NOT EXISTS (SELECT 1 FROM _skip_pairs k WHERE k.query_id = w.query_id AND k.item_id = w.item_id)"
+    try:
+        return store.query(f"""
+            SELECT w.query_id, w.item_id, {_FIELDS}, {TEXT_SHA} AS text_sha
+            FROM ({work_sql(sources)}) w
+            JOIN queries q USING (query_id) JOIN products p USING (item_id)
+            WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id AND l.item_id = w.item_id
+                              AND l.cascade_sha = ? AND l.status = 'ok' AND l.text_sha = {TEXT_SHA}) {skip_sql}
+            ORDER BY w.query_id, w.item_id {f'LIMIT {int(limit)}' if limit else ''}""", [cascade_sha])
+    finally:
+        if skip:
+            store.con.unregister("_skip_pairs")
+
+
+def failure_reasons(store: Store, cascade_sha: str, example_chars: int = 160) -> list[dict]:
+    """Why this cascade's ``failed`` pairs failed: per judge and parse status of their votes, how many pairs, with
+    one raw output or error text (redacted, shortened) as an example."""
+    from assay.store import redact_text
+
+    rows = store.exec("""SELECT v.judge, v.parse_status, count(*), any_value(v.raw)
+                         FROM label_votes v JOIN labels l USING (query_id, item_id, cascade_sha)
+                         WHERE l.cascade_sha = ? AND l.status = 'failed' AND v.grade IS NULL
+                         GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2""", [cascade_sha])
+    return [{"judge": j, "status": st, "pairs": int(n),
+             "example": redact_text(str(raw))[:example_chars] if raw is not None else None}
+            for j, st, n, raw in rows]
 
 
 def count_work(store: Store, sources: list[str], cascade_sha: str) -> dict:
-    total = store.scalar(f"SELECT count(*) FROM ({work_sql(sources)})")
-    done = store.scalar("SELECT count(*) FROM labels WHERE cascade_sha = ? AND status = 'ok'", [cascade_sha])
-    failed = store.scalar("SELECT count(*) FROM labels WHERE cascade_sha = ? AND status = 'failed'", [cascade_sha])
-    return {"work": int(total), "labeled": int(done), "failed": int(failed), "pending": int(total) - int(done)}
+    """The work set against this cascade's labels: ``labeled`` (an ok label for the texts as they are now),
+    ``stale`` (an ok label for texts that have since changed: pending again), ``failed`` and ``pending``."""
+    row = store.exec(f"""
+        SELECT count(*),
+               count(*) FILTER (WHERE l.status = 'ok' AND l.text_sha = {TEXT_SHA}),
+               count(*) FILTER (WHERE l.status = 'ok' AND l.text_sha IS DISTINCT FROM {TEXT_SHA}),
+               count(*) FILTER (WHERE l.status = 'failed')
+        FROM ({work_sql(sources)}) w
+        JOIN queries q USING (query_id) JOIN products p USING (item_id)
+        LEFT JOIN labels l ON l.query_id = w.query_id AND l.item_id = w.item_id AND l.cascade_sha = ?""",
+                     [cascade_sha])[0]
+    total, done, stale, failed = (int(x) for x in row)
+    return {"work": total, "labeled": done, "stale": stale, "failed": failed, "pending": total - done}

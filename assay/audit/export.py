@@ -156,10 +156,37 @@ def write_batches(batches: Iterator[pa.RecordBatch], out: Path, fmt: str, bar=No
     under a temporary name and renamed when complete, so a cut-off export leaves nothing half-written."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {list(FORMATS)}")
+    check_dependencies(fmt)  # before a single row is read or written
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    try:
+        return _write(batches, out, tmp, fmt, bar)
+    except BaseException:
+        _remove_partials(tmp)  # nothing half-written is left where the user asked for output
+        raise
+
+
+def check_dependencies(fmt: str) -> None:
+    """Raise, naming what to install, when ``fmt`` needs a package this environment lacks."""
+    if fmt == "hf":
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ValueError("--format hf needs the Hugging Face `datasets` package: pip install 'assay[export]' "
+                             "(or export parquet, which `datasets.load_dataset('parquet', ...)` reads)") from None
+
+
+def _remove_partials(tmp: Path) -> None:
+    for p in (tmp, tmp.with_name(tmp.name + ".parquet"), tmp.with_name(tmp.name + ".cache")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _write(batches: Iterator[pa.RecordBatch], out: Path, tmp: Path, fmt: str, bar) -> int:
+    _remove_partials(tmp)
     n = 0
     if fmt in ("parquet", "hf"):
         import pyarrow.parquet as pq
@@ -233,6 +260,7 @@ def run(cfg: ExportConfig, store: Store, out: Path, *, fmt: str | None = None, f
     fmt = fmt or _format_of(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {list(FORMATS)}")
+    check_dependencies(fmt)
     sha = cfg.cascade or newest_cascade(store)
     filters = {k: v for k, v in (filters or {}).items() if v not in (None, [], ())}
     total = count(store, sha, filters)

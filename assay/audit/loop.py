@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from assay.annotate.pairs import HUMAN_GRADE_SQL
+from assay.annotate.pairs import HUMAN_GRADE_SQL, current_labels_sql
 from assay.audit import export as ex
 from assay.config import AuditConfig, ExportConfig
 from assay.reporting import confusion_png, img, table_html, write_report
@@ -41,7 +41,7 @@ STRATA_SQL = f"""
     SELECT l.query_id, l.item_id, coalesce(l.confidence, 0) AS confidence,
            'tier=' || coalesce(t.tier::VARCHAR, 'none') || '/grade=' || l.grade || '/by=' ||
            coalesce(l.decided_by, '?') AS stratum
-    FROM labels l LEFT JOIN {_TIER_SQL} t USING (query_id, item_id)
+    FROM {current_labels_sql()} l LEFT JOIN {_TIER_SQL} t USING (query_id, item_id)
     WHERE l.cascade_sha = ? AND l.status = 'ok'
       AND NOT EXISTS (SELECT 1 FROM human_labels h WHERE h.query_id = l.query_id AND h.item_id = l.item_id
                       AND h.split = '{AUDIT_SPLIT}')"""
@@ -225,7 +225,7 @@ def agreement(store: Store, *, cascade_sha: str | None = None, out_dir: Path | N
         WITH {_AUDIT_CTE}
         SELECT h.query_id, h.item_id, h.human, l.grade, l.decided_by,
                coalesce(t.tier::VARCHAR, 'none') AS tier, a.design_weight
-        FROM h JOIN labels l ON l.query_id = h.query_id AND l.item_id = h.item_id
+        FROM h JOIN {current_labels_sql()} l ON l.query_id = h.query_id AND l.item_id = h.item_id
                             AND l.cascade_sha = ? AND l.status = 'ok'
         LEFT JOIN {_TIER_SQL} t ON t.query_id = h.query_id AND t.item_id = h.item_id
         LEFT JOIN audit_samples a ON a.query_id = h.query_id AND a.item_id = h.item_id

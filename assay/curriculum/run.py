@@ -1,7 +1,8 @@
 """`assay curriculum`: mined pairs + their labels -> the ``examples`` table.
 
 Reads ``candidates`` (channel ranks, prior), ``negatives`` (token_sim / random), ``labels`` (the newest ``ok``
-cascade label per pair, whatever cascade wrote it), ``human_labels`` (the median grade replaces the cascade's on
+cascade label per pair, whatever cascade wrote it, among the labels whose texts are unchanged: a stale label
+is skipped and counted), ``human_labels`` (the median grade replaces the cascade's on
 the same pair when ``human_labels_override``), ``engagement`` and ``queries`` (segment). Writes ``examples``
 (replaced as a whole, in one transaction, stamped with the run_id): one row per (query, item) that falls in a
 tier, with its tier, default stage, graded target, weight (the label's confidence; 1 for a human grade), grade
@@ -20,6 +21,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from assay.annotate.pairs import count_stale, current_labels_sql
 from assay.config import CurriculumConfig
 from assay.curriculum.targets import engagement_signal, graded_targets, normalise_per_query
 from assay.curriculum.tiers import (NEGATIVE_TIERS, POSITIVE_TIERS, TIER_NAMES, TIER_STAGE, PairColumns,
@@ -37,9 +39,9 @@ TIER_NEEDS = {
     5: "random negatives (mining.negatives.n_random > 0 and annotate.sources including negatives)",
 }
 
-_PAIRS_SQL = """
+_PAIRS_SQL = f"""
 WITH lab AS (
-    SELECT query_id, item_id, grade, probs, confidence FROM labels WHERE status = 'ok'
+    SELECT query_id, item_id, grade, probs, confidence FROM {current_labels_sql("l.status = 'ok'")}
     QUALIFY row_number() OVER (PARTITION BY query_id, item_id ORDER BY created_at DESC, cascade_sha) = 1),
 hum AS (SELECT query_id, item_id, floor(median(grade) + 0.4)::TINYINT AS grade FROM human_labels GROUP BY 1, 2),
 eng AS (SELECT query_id, item_id, sum(clicks) AS clicks, sum(add_to_carts) AS atc, sum(orders) AS orders
@@ -164,6 +166,10 @@ def run(cfg: CurriculumConfig, store: Store) -> dict:
             raise ValueError("no pair falls in any tier: label more mined pairs with `assay annotate` "
                              f"({counts['unlabeled']:,} of {counts['pairs']:,} pairs have no label yet)")
         warnings = []
+        counts["stale_labels_skipped"] = count_stale(store)
+        if counts["stale_labels_skipped"]:
+            warnings.append(f"{counts['stale_labels_skipped']:,} labels judged texts that have changed since (a "
+                            "re-ingested catalog or query file) and were skipped; `assay annotate` relabels them")
         if counts["unlabeled"]:
             warnings.append(f"{counts['unlabeled']:,} of {counts['pairs']:,} mined pairs have no label yet and are "
                             "not examples; `assay annotate` labels them")

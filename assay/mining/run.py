@@ -4,6 +4,10 @@ Reads ``products``, ``queries``, ``engagement`` (and, for the report, ``truth_*`
 ``human_labels``). Writes ``channel_hits`` and ``mining_progress`` while it works, then
 ``candidates`` and ``negatives`` (both replaced, stamped with the run_id).
 
+Each run records a content fingerprint of its inputs (``Store.fingerprint`` of products, queries and engagement);
+``stale_inputs`` says which changed since, so `assay summary`, `assay doctor` and `assay annotate` can say that
+the candidates describe an older catalog, and `assay run` mines again.
+
 Resume: a mining run is identified by ``run_key`` = digest(mining config, encoder, catalog,
 queries). Each channel works through query batches of ``batch_queries``; a batch's hits and its
 progress row commit in one transaction, so after an interrupt (even ``kill -9``) a rerun with
@@ -261,11 +265,33 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
             with store.transaction():
                 store.exec("DELETE FROM channel_hits WHERE run_key = ?", [run_key])
                 store.exec("DELETE FROM mining_progress WHERE run_key = ?", [run_key])
-        summary = {"run_id": run_id, "run_key": run_key, "items": len(catalog.item_ids),
+        summary = {"run_id": run_id, "run_key": run_key, "inputs": _input_fingerprints(store),
+                   "items": len(catalog.item_ids),
                    "queries": len(queries.query_ids), "batches": n_batches, "resumed_batches": resumed,
                    "candidates": n_cand, "negatives": n_neg, "timings": timings, **lz.stats, "report": report}
         store.finish_run(run_id, summary)
     return summary
+
+
+INPUT_TABLES = ("products", "queries", "engagement")
+
+
+def _input_fingerprints(store: Store) -> dict[str, str]:
+    return {t: store.fingerprint(t) for t in INPUT_TABLES}
+
+
+def stale_inputs(store: Store) -> list[str] | None:
+    """The input tables that changed since the newest mining run (a re-ingested catalog, query log or engagement
+    file): its candidates and negatives no longer describe the workspace and `assay mine` should run again. None
+    when nothing was mined (or it was mined before mining recorded its inputs)."""
+    row = store.exec("SELECT summary FROM runs WHERE stage = 'mine' AND status = 'ok' ORDER BY ended_at DESC LIMIT 1")
+    if not row:
+        return None
+    recorded = json.loads(row[0][0] or "{}").get("inputs")
+    if not recorded:
+        return None
+    now = _input_fingerprints(store)
+    return [t for t in INPUT_TABLES if recorded.get(t) != now[t]]
 
 
 def _negatives(cfg: MiningConfig, store: Store, catalog: Catalog, queries: QuerySet, run_id: str,

@@ -220,9 +220,14 @@ def val_gain(best: list | None, start: list | None, cfg) -> dict | None:
 
 def _autocast(device: str, precision: str):
     dev = device.split(":")[0]
-    if precision == "bf16" or (precision == "auto" and dev == "cuda"):
+    if precision == "bf16" or (precision == "auto" and (dev == "cuda" or (dev == "cpu" and native_cpu_bf16()))):
         return torch.autocast(device_type=dev, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX): where ``precision: auto`` picks bf16."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _lr_lambda(total: int, warmup_ratio: float):

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from assay.annotate.backends import GRADE_SCHEMA, Completion
+from assay.store import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ class LocalBackend:
                     repeat_penalty=1.0, grammar=self.grammar, logits_processor=[self._processor(capture)])
             except Exception as e:  # the contract: a failed prompt is returned, never raised
                 ms = (time.perf_counter() - t0) * 1e3
-                log.warning("local completion failed: %s", e)
-                return Completion(None, None, None, ms, f"{e.__class__.__name__}: {str(e)[:300]}")
+                log.warning("local completion failed: %s", redact_text(str(e)))
+                return Completion(None, None, None, ms, f"{e.__class__.__name__}: {redact_text(str(e))[:300]}")
             ms = (time.perf_counter() - t0) * 1e3
         text = resp["choices"][0]["message"].get("content") or ""
         tokens = resp.get("usage", {}).get("total_tokens")

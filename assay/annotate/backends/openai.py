@@ -18,7 +18,8 @@ remembered for the next requests. An error that persists at every level (a promp
 context, say) fails that prompt only and changes nothing.
 
 The API key is read from the environment variable ``cfg.api_key_env`` (``sk-no-key`` when unset, for
-local servers). It is passed to the client only; it is never logged or stored.
+local servers). It is passed to the client only; it is never logged or stored: error texts (which servers
+may fill with the request's URL or headers) and the logged ``base_url`` go through ``assay.store.redact_text``.
 
 :meth:`OpenAIBackend.complete` is synchronous: it runs :meth:`acomplete` in a fresh event loop with
 ``asyncio.run``; called from a thread that already runs a loop (a notebook, an async app) it runs
@@ -37,6 +38,7 @@ import time
 
 from assay.annotate.backends import GRADE_SCHEMA, Completion
 from assay.annotate.parse import grade_token_logprobs
+from assay.store import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class OpenAIBackend:
         self._format_level = 0  # index into FORMATS; only ever goes down (up the index)
         self._logprobs = True
         self.stats = {"requests": 0, "retries": 0, "failed": 0, "downgrades": 0}
+        self._key = ""  # the API key of the client in use, redacted from every error text
 
     # -- public ---------------------------------------------------------------------------------------
     def complete(self, prompts: list[str]) -> list[Completion]:
@@ -98,6 +101,7 @@ class OpenAIBackend:
         import openai
 
         key = os.environ.get(self.cfg.api_key_env) or "sk-no-key"
+        self._key = key
         client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0,
                                     timeout=self.cfg.timeout_s)
         sem = asyncio.Semaphore(self.cfg.concurrency)
@@ -117,7 +121,7 @@ class OpenAIBackend:
                 resp = await self._with_retries(client, prompt)
             except Exception as e:  # the contract: a failed prompt is returned, never raised
                 self.stats["failed"] += 1
-                err = _describe(e).replace(key, "***") if key else _describe(e)
+                err = _describe(e, key)
                 log.warning("prompt failed after retries: %s", err)
                 return Completion(None, None, None, (time.perf_counter() - t0) * 1e3, err)
             ms = (time.perf_counter() - t0) * 1e3
@@ -155,7 +159,8 @@ class OpenAIBackend:
                 delay = max(delay, min(retry_after, self.max_backoff_s))
             attempt += 1
             self.stats["retries"] += 1
-            log.debug("retry %d/%d in %.2fs after %s", attempt, self.cfg.max_retries, delay, _describe(err))
+            log.debug("retry %d/%d in %.2fs after %s", attempt, self.cfg.max_retries, delay,
+                      _describe(err, self._key))
             await asyncio.sleep(delay)
 
     async def _with_fallbacks(self, client, prompt: str):
@@ -183,7 +188,8 @@ class OpenAIBackend:
                 if level > self._format_level or logprobs != self._logprobs:
                     self.stats["downgrades"] += 1
                     log.info("server %s rejected %s; using response_format=%s, logprobs=%s",
-                             self.cfg.base_url or "api.openai.com", _describe(first_error), FORMATS[level], logprobs)
+                             redact_text(self.cfg.base_url or "api.openai.com"), _describe(first_error, self._key),
+                             FORMATS[level], logprobs)
                 self._format_level = max(self._format_level, level)
                 self._logprobs = self._logprobs and logprobs
             return resp
@@ -227,11 +233,16 @@ def _retry_after(e) -> float | None:
         return None
 
 
-def _describe(e: BaseException | None) -> str:
+def _describe(e: BaseException | None, key: str = "") -> str:
+    """One line for an error, safe to log and store: the API key (servers echo it back) and anything
+    :func:`assay.store.redact_text` finds (URL credentials, ``api_key=``/``token=`` values, bearer strings) are
+    replaced by ***; redacted before it is cut to 300 characters, so a cut cannot leave half a secret."""
     if e is None:
         return ""
     if isinstance(e, asyncio.TimeoutError):
         return "TimeoutError: no answer within the timeout"
     status = getattr(e, "status_code", None)
     msg = str(e) or e.__class__.__name__
-    return f"{e.__class__.__name__}{f' ({status})' if status else ''}: {msg[:300]}"
+    if key and key != "sk-no-key":
+        msg = msg.replace(key, "***")
+    return f"{e.__class__.__name__}{f' ({status})' if status else ''}: {redact_text(msg)[:300]}"

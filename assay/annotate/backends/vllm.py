@@ -18,6 +18,7 @@ import logging
 import time
 
 from assay.annotate.backends import GRADE_SCHEMA, Completion
+from assay.store import redact_text
 from assay.annotate.parse import grade_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class VLLMBackend:
         except Exception as e:
             if len(prompts) == 1:
                 return [Completion(None, None, None, (time.perf_counter() - t0) * 1e3,
-                                   f"{e.__class__.__name__}: {str(e)[:300]}")]
-            log.warning("vLLM batch failed (%s); retrying its prompts one by one", e)
+                                   f"{e.__class__.__name__}: {redact_text(str(e))[:300]}")]
+            log.warning("vLLM batch failed (%s); retrying its prompts one by one", redact_text(str(e)))
             return [c for p in prompts for c in self.complete([p])]
         ms = (time.perf_counter() - t0) * 1e3 / len(prompts)
         return [self._completion(o, ms) for o in outs]
