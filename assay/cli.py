@@ -288,18 +288,34 @@ def calibrate(from_audit: bool = typer.Option(False, "--from-audit", help="fit o
 
 @app.command()
 def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the cost estimate only"),
+             engine: Optional[str] = typer.Option(None, "--engine", help="local (default: annotate.engine) or ray: "
+                                                  "plan shards, execute them on Ray Data, commit (docs/scale.md)"),
+             address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (else "
+                                                   "annotate.ray.address, RAY_ADDRESS, or a local Ray)"),
              workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
              set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
-    """Label mined pairs with the calibrated cascade, in resumable batches."""
+    """Label mined pairs with the calibrated cascade, in resumable batches (or shards on Ray: --engine ray)."""
     from assay.annotate import batches
 
     ctx = Ctx(workspace, config, set_, quiet)
-    s = _stage(ctx, lambda store: batches.run(ctx.cfg.annotate, store, progress=not quiet, dry_run=dry_run),
-               read_only=dry_run)
+    if engine is not None:
+        if engine not in ("local", "ray"):
+            _fail(f"--engine must be local or ray, got {engine!r}")
+        ctx.cfg.annotate.engine = engine
+    if ctx.cfg.annotate.engine == "ray" and not dry_run:
+        from assay.scale import run as scale_run
+
+        s = _stage(ctx, lambda store: scale_run.run(ctx.cfg.annotate, store, progress=not quiet, address=address))
+    else:
+        s = _stage(ctx, lambda store: batches.run(ctx.cfg.annotate, store, progress=not quiet, dry_run=dry_run),
+                   read_only=dry_run)
+    s.pop("failed_pairs", None)
+
     def render(s: dict) -> None:
         if s.get("dry_run"):
+            stale = f", {s['stale']:,} of them stale: their texts changed" if s.get("stale") else ""
             t = Table(title=f"annotate --dry-run: {s['to_annotate']:,} pairs to annotate "
-                            f"({s['labeled']:,} of {s['work']:,} done; {s['estimate_source']})")
+                            f"({s['labeled']:,} of {s['work']:,} done{stale}; {s['estimate_source']})")
             for c in ("judge", "kind", "reach", "expected calls", "expected seconds"):
                 t.add_column(c)
             for name, j in s["judges"].items():
@@ -307,8 +323,14 @@ def annotate(dry_run: bool = typer.Option(False, "--dry-run", help="print the co
                           "?" if j["expected_seconds"] is None else f"{j['expected_seconds']:,.0f}")
             console.print(t)
             return
-        _kv_table(f"annotated {s['annotated']:,} pairs ({s['pairs_per_second']} pairs/s)", {
-            k: s[k] for k in ("cascade_sha", "decided_share", "failed", "judge_seconds", "after", "run_id")})
+        keys = ("cascade_sha", "decided_share", "failed", "judge_seconds", "after", "run_id")
+        if s.get("engine") == "ray":
+            keys = ("cascade_sha", "plan", "decided_share", "failed", "judge_calls", "after", "run_id")
+        _kv_table(f"annotated {s['annotated']:,} pairs ({s['pairs_per_second']} pairs/s)", {k: s[k] for k in keys})
+        for r in s.get("failure_reasons") or []:
+            err.print(f"[yellow]failed:[/] {r['pairs']:,} pairs, {r['judge']} {r['status']}"
+                      + (f" (e.g. {r['example']!r})" if r["example"] else "") + "; `assay annotate` retries them",
+                      highlight=False)
     _emit(s, as_json, render)
 
 
@@ -530,8 +552,8 @@ def curriculum(workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] 
 
 @app.command()
 def train(stage: Optional[int] = typer.Option(None, "--stage", help="train only this curriculum stage (1-3)"),
-          baseline: Optional[str] = typer.Option(None, "--baseline", help="train a baseline instead: click, binary "
-                                                                          "or graded"),
+          baseline: Optional[str] = typer.Option(None, "--baseline", help="train a baseline instead: click, binary, "
+                                                                          "graded or mixed-bce"),
           workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
           set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """Train the two-tower model through the curriculum stages (or one baseline); resumes a killed run.
@@ -645,7 +667,7 @@ def _render_comparisons(ev: dict) -> None:
 @app.command("export-index")
 def export_index(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint folder, or "
                                                           "'best' (the best-validated of the newest training folder) "
-                                                          "[serve.checkpoint; the newest kept curriculum one]"),
+                                                          "[serve.checkpoint: best]"),
                  workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
                  set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """Encode the catalog with the item tower and build a FAISS index bound to the checkpoint by its manifest."""
@@ -654,8 +676,8 @@ def export_index(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", 
     ctx = Ctx(workspace, config, set_, quiet)
     s = _stage(ctx, lambda store: serving.export(ctx.cfg, store, checkpoint=checkpoint, progress=not quiet))
     _emit(s, as_json, lambda s: _kv_table(f"index {s['index_id']} -> {s['path']}", {
-        k: s[k] for k in ("checkpoint_sha", "kind", "factory", "n_items", "dim", "recall@100", "recall_queries",
-                          "encode_seconds", "build_seconds")}))
+        k: s.get(k) for k in ("checkpoint_id", "checkpoint_sha", "kind", "factory", "n_items", "dim", "recall@100",
+                              "recall_queries", "encode_seconds", "build_seconds")}))
 
 
 @app.command()
@@ -728,7 +750,7 @@ def run_pipeline(force: Optional[list[str]] = typer.Option(None, "--force", help
         for c in ("step", "status", "seconds"):
             t.add_column(c)
         for r in s["steps"]:
-            t.add_row(r["step"], r["status"], f"{r['seconds']:.1f}")
+            t.add_row(r["step"], r["status"] + (f" ({r['why']})" if r.get("why") else ""), f"{r['seconds']:.1f}")
         console.print(t)
         ev = s.get("evaluate")
         if ev:

@@ -163,6 +163,8 @@ class MiningConfig(Section):
 
 
 JudgeKind = Literal["features", "cross_encoder", "llm_classifier", "prompted"]
+# the features judge's stuffed_negatives when the config does not set it (measured: docs/labels.md, section 6)
+FEATURES_STUFFED_NEGATIVES = 0.5
 DEFAULT_TEMPLATES = {"cross_encoder": "classifier_input.j2", "llm_classifier": "llm_classifier_input.j2",
                      "prompted": "judge_grade.j2", "features": "features"}
 
@@ -193,10 +195,16 @@ class JudgeConfig(Section):
         "none", description="loss weight per grade from its share of the training labels: none, sqrt (inverse square "
                             "root of the share) or balanced (inverse share); rare grades (4 on a seed set) count more")
     stuffed_negatives: float = Field(
-        0.0, ge=0, le=1, description="classifier judges: share of the training pairs graded 0-1 also trained as a "
-                                     "keyword-stuffed copy (the query's words appended to the title, same grade), so "
-                                     "repeating the query does not buy relevance; 0.5 cut the pairs stuffing lifts "
-                                     "from 75% to 8% but cost 5-7 points of clean accuracy (docs/labels.md); 0 = off")
+        0.0, ge=0, le=1, description="share of the training pairs graded 0-1 also trained as a keyword-stuffed copy "
+                                     "(the query's words appended to the title, same grade), so repeating the query "
+                                     "does not buy relevance; 0 = off. Classifier judges: default 0 (0.5 cut the "
+                                     "pairs stuffing lifts from 75% to 8% but cost 5-7 points of clean accuracy); "
+                                     "features judge: default FEATURES_STUFFED_NEGATIVES when not set "
+                                     "(docs/labels.md, section 6)")
+    stuffing_features: bool = Field(
+        True, description="features judge: also read signals that see keyword stuffing (query words as a run at the "
+                          "end of the title, repeated, in the title only, a title long for its category); "
+                          "docs/labels.md, section 6")
     trees: int = Field(300, ge=1, description="features judge: boosting iterations (early-stopped on 10% of the "
                                               "training pairs)")
     lora_r: int = Field(8, ge=1)
@@ -218,6 +226,12 @@ class JudgeConfig(Section):
     def template_name(self) -> str:
         return self.template or DEFAULT_TEMPLATES[self.kind]
 
+    @model_validator(mode="after")
+    def _kind_defaults(self) -> "JudgeConfig":
+        if self.kind == "features" and "stuffed_negatives" not in self.model_fields_set:
+            object.__setattr__(self, "stuffed_negatives", FEATURES_STUFFED_NEGATIVES)
+        return self
+
 
 def _default_judges() -> list[JudgeConfig]:
     return [
@@ -227,8 +241,42 @@ def _default_judges() -> list[JudgeConfig]:
     ]
 
 
+class RayJudgeConfig(Section):
+    """Ray resources of one judge's actor pool (`annotate.engine: ray`; docs/scale.md). They do not enter the
+    cascade sha: where a judge runs does not change its labels."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each actor of this judge reserves")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 for a vLLM judge; 0 on CPU)")
+    concurrency: int = Field(1, ge=1, description="actors in this judge's pool (each loads the judge once)")
+
+
+class RayConfig(Section):
+    """`assay annotate --engine ray` (docs/scale.md): plan -> execute on Ray Data -> commit."""
+
+    address: str | None = Field(None, description="Ray cluster to join (host:port or ray://host:port); None = "
+                                                  "RAY_ADDRESS, else a local Ray started on this machine")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None = all); ignored on a cluster")
+    object_store_mb: int | None = Field(None, ge=75, description="object store of the local Ray in MB (None = Ray's "
+                                                                 "default); ignored on a cluster")
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds a cluster address has to answer before "
+                                                             "`annotate --engine ray` gives up, nothing written")
+    shard_pairs: int = Field(50_000, ge=1, description="pending pairs per Parquet shard (sorted by query, so prompts "
+                                                       "that share a query prefix batch together)")
+    batch_rows: int = Field(1024, ge=1, description="rows per Ray Data batch handed to a judge's actor")
+    root: str | None = Field(None, description="folder the plans, shards and outputs live in; None = "
+                                               "<workspace>/artifacts/scale; on a cluster, shared storage every "
+                                               "node mounts at the same path")
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a judge actor that died (then the job fails)")
+    judges: dict[str, RayJudgeConfig] = Field(default_factory=dict,
+                                              description="judge name -> its actor pool's resources")
+
+
 class AnnotateConfig(Section):
     """The cascade: judges in order, cheapest first (docs/architecture.md, "Annotation cascade")."""
+
+    engine: Literal["local", "ray"] = Field("local", description="local: batches in this process; ray: plan, execute "
+                                                                 "on Ray Data, commit (docs/scale.md)")
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     judges: list[JudgeConfig] = Field(default_factory=_default_judges)
     thresholds: dict[str, list[float]] = Field(
@@ -249,6 +297,10 @@ class AnnotateConfig(Section):
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
     sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
     max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")
+    max_attempts: int = Field(3, ge=1, description="tries `assay run` gives a pair that fails (no judge could grade it: "
+                                                   "an unparseable answer, an endpoint down) before its annotate step "
+                                                   "stops with the pair left failed, saying how many and why; `assay "
+                                                   "annotate` retries failed pairs on every launch")
     agreement_metric: Literal["accuracy", "balanced"] = Field(
         "accuracy", description="what `assay calibrate` asks the cascade to keep within agreement_tolerance of its "
                                 "best judge: accuracy, or balanced = the mean of accuracy and the mean per-grade "
@@ -269,6 +321,9 @@ class AnnotateConfig(Section):
             raise ValueError("judges must list at least one judge")
         if len(set(names)) != len(names):
             raise ValueError(f"judge names must be unique, got {names}")
+        for name in self.ray.judges:
+            if name not in names:
+                raise ValueError(f"ray.judges names judge {name!r}, which is not in judges {names}")
         for name, th in self.thresholds.items():
             if name not in names:
                 raise ValueError(f"thresholds names judge {name!r}, which is not in judges {names}")
@@ -412,6 +467,22 @@ class TrainConfig(Section):
     query_heads: int = Field(1, ge=1, description="query-tower heads (DPSR multi-head; 1 = a single vector)")
     head_beta: float = Field(10.0, gt=0, description="soft-dot attention temperature over query heads")
     stages: list[StageConfig] = Field(default_factory=_default_stages)
+    schedule: Literal["stages", "paced"] = Field(
+        "stages", description="stages: the stages one after another, each with its own optimizer, kept only if it "
+                              "improves validation; paced: one run of the stages' summed steps, one optimizer and "
+                              "one learning-rate schedule, whose batches move from the first stage's mix to every "
+                              "tier (tiers 1-2 against 3-5) over pace_share of the steps (docs/training.md section 7)")
+    pace: Literal["linear", "root"] = Field(
+        "linear", description="paced schedule: the full mix's share of a batch's groups after a fraction f of "
+                              "pace_share x steps is f (linear) or sqrt(f) (root: the full mix arrives sooner)")
+    pace_share: float = Field(0.5, gt=0, le=1, description="paced schedule: share of the steps over which the "
+                                                           "batches move to the full mix (then they stay there)")
+    pace_loss: Literal["per_mix", "listwise"] = Field(
+        "per_mix", description="paced schedule: per_mix = graded BCE (stage 1's loss) on the first stage's groups and "
+                               "the in-batch softmax over graded targets on the full mix's; listwise = the in-batch "
+                               "softmax on every group")
+    pace_learning_rate: float | None = Field(None, gt=0, description="paced schedule: peak learning rate; None = "
+                                                                     "the first stage's")
     batch_queries: int = Field(32, ge=2, description="queries per batch (one group each)")
     group_size: int = Field(4, ge=2, description="items per query group: 1 positive + group_size-1 negatives")
     random_negatives: int = Field(32, ge=0, description="random catalog items shared across a batch (mixed loss)")
@@ -494,10 +565,11 @@ class SpellConfig(Section):
 class ServeConfig(Section):
     """`assay export-index` and `assay search` (docs/serving.md): a FAISS index bound to one checkpoint."""
 
-    checkpoint: str | None = Field(None, description="two-tower checkpoint to serve; None = the newest kept "
-                                                     "curriculum checkpoint in `checkpoints`; 'best' = the kept "
-                                                     "checkpoint (curriculum stage or baseline) of the newest "
-                                                     "training folder with the highest validation NDCG@10")
+    checkpoint: str | None = Field("best", description="two-tower checkpoint to serve: 'best' (default) = the kept "
+                                                       "checkpoint (curriculum, staged or paced, or baseline) of the "
+                                                       "newest training folder with the highest validation NDCG@10; "
+                                                       "None = the newest kept curriculum checkpoint in "
+                                                       "`checkpoints`; or a checkpoint folder")
     index: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
         "auto", description="auto: flat (exact) up to flat_max_items items, hnsw above")
     flat_max_items: int = Field(200_000, ge=1, description="largest catalog served exactly under index=auto")
@@ -512,6 +584,10 @@ class ServeConfig(Section):
     encode_chunk: int = Field(4096, ge=1, description="items encoded per resumable chunk (cached as they finish)")
     max_query_chars: int = Field(512, ge=1, description="longest query accepted")
     rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
+    api_token_env: str = Field("ASSAY_API_TOKEN", description="`assay serve`: the environment variable holding a "
+                                                               "bearer token; when it is set, every endpoint but "
+                                                               "/health needs `Authorization: Bearer <token>` (the "
+                                                               "token itself is never stored or logged)")
 
 
 class EvaluateConfig(Section):
@@ -556,8 +632,9 @@ class PipelineConfig(Section):
                                              "holds ingested data and the job starts at mining")
     label_requests: int = Field(0, ge=0, description="mined pairs to request and have the simulated annotators answer "
                                                      "before the judges train (simulated worlds; 0 = none)")
-    baselines: list[Literal["click", "binary", "graded"]] = Field(
-        ["click", "binary", "graded"], description="baselines trained with the curriculum's step budget")
+    baselines: list[Literal["click", "binary", "graded", "mixed-bce"]] = Field(
+        ["click", "binary"], description="baselines trained with the curriculum's step budget (with serve.checkpoint "
+                                         "best, the best-validated of them and the curriculum is served)")
     export_index: bool = Field(True, description="build the serving index of the curriculum model")
 
 

@@ -5,7 +5,9 @@ Checks, in order (each finding has a severity, a count, what it means and the fi
 - the writer lock: held by a live process (which one), or free;
 - the schema version against this assay's migrations;
 - runs cut off (``interrupted``: the writer died; ``running`` with no live writer) and the command that resumes them;
-- annotation left to do for the newest cascade: work pairs with no label, failed labels;
+- mining done on a catalog, query log or engagement log that has changed since (a re-ingest);
+- annotation left to do for the newest cascade: work pairs with no label, stale labels (the pair's texts changed
+  after it was labeled), failed labels;
 - orphan rows: rows of ``candidates``, ``negatives``, ``engagement``, ``human_labels``, ``labels``, ``label_votes``,
   ``examples`` and ``label_requests`` that name a query or item the workspace does not hold, votes without their
   label, examples whose pair has no label at all (``--fix`` deletes orphan rows, in one transaction);
@@ -113,6 +115,7 @@ def run(root: str | Path, *, fix: bool = False) -> dict:
                              "re-run " + ", ".join(f"`assay {_command(s)}`" for s, _ in stale) +
                              " (each resumes where it stopped)" if stale else ""))
         found.extend(_guarded("annotation", _annotation, store))
+        found.extend(_guarded("shards", _shards, store))
         orphans = {t: int(store.scalar(f"SELECT count(*) {_orphan_sql(t)}")) for t in ORPHANS}
         orphans["label_votes without label"] = int(store.scalar(f"SELECT count(*) {VOTES_WITHOUT_LABEL}"))
         orphans["examples without label"] = int(store.scalar(f"SELECT count(*) {EXAMPLES_WITHOUT_LABEL}"))
@@ -164,23 +167,62 @@ def _command(stage: str) -> str:
 
 
 def _annotation(store: Store) -> list[Finding]:
-    from assay.annotate.pairs import work_sql
-
+    from assay.annotate.pairs import count_work
     from assay.audit.export import newest_cascade
+    from assay.mining.run import stale_inputs
 
+    found = []
+    changed = stale_inputs(store)
+    if changed:
+        found.append(Finding("mining", "warn", len(changed), f"the candidates and negatives were mined before "
+                             f"{', '.join(changed)} changed (a re-ingest)", "`assay mine` (or `assay run`)"))
+    elif changed is not None:
+        found.append(Finding("mining", "ok", 0, "the candidates were mined on the catalog and queries as they are"))
     try:
         sha = newest_cascade(store)
     except ValueError:
-        return [Finding("annotation", "ok", 0, "nothing annotated yet")]
-    todo = int(store.scalar(f"""SELECT count(*) FROM ({work_sql(['candidates', 'negatives'])}) w
-                                WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.query_id = w.query_id
-                                AND l.item_id = w.item_id AND l.cascade_sha = ? AND l.status = 'ok')""", [sha]))
-    failed = int(store.scalar("SELECT count(*) FROM labels WHERE cascade_sha = ? AND status = 'failed'", [sha]))
-    status = "warn" if todo or failed else "ok"
-    return [Finding("annotation", status, todo, f"cascade {sha}: {todo:,} mined pairs without a label "
-                    f"({failed:,} failed and waiting for a retry)" if status == "warn" else
-                    f"cascade {sha}: every mined pair labeled", "`assay annotate` (resumes and retries failed pairs)"
-                    if status == "warn" else "")]
+        return found + [Finding("annotation", "ok", 0, "nothing annotated yet")]
+    w = count_work(store, ["candidates", "negatives"], sha)
+    todo, failed, stale = w["pending"], w["failed"], w["stale"]
+    status = "warn" if todo else "ok"
+    return found + [Finding(
+        "annotation", status, todo,
+        f"cascade {sha}: {todo:,} mined pairs without a current label ({stale:,} stale: their query or item text "
+        f"changed since they were labeled; {failed:,} failed and waiting for a retry)" if status == "warn" else
+        f"cascade {sha}: every mined pair labeled", "`assay annotate` (labels what is new or changed, retries "
+        "failed pairs)" if status == "warn" else "")]
+
+
+def _shards(store: Store) -> list[Finding]:
+    """The Ray engine's shards (``work_shards``) by state; running and finished are read from each shard's output
+    folder (assay.scale.execute), committed from the table."""
+    from assay.scale.execute import shard_state
+
+    if not _has_table(store, "work_shards"):  # a workspace before schema v10
+        return []
+    rows = store.exec("SELECT plan_id, shard_id, path, state, note FROM work_shards ORDER BY plan_id, shard_id")
+    if not rows:
+        return []
+    counts = {"planned": 0, "running": 0, "finished": 0, "committed": 0}
+    refused = []
+    for plan_id, shard_id, path, state, note in rows:
+        st = "committed" if state == "committed" else shard_state(Path(path).parent.parent, shard_id)
+        counts[st] += 1
+        if note and st != "committed":
+            refused.append(f"{plan_id}/{shard_id}: {note}")
+    moves = {"planned": "`assay annotate --engine ray` executes them",
+             "running": "a Ray job is on them, or was cut off: `assay annotate --engine ray` resumes (shards with "
+                        "_SUCCESS are kept)",
+             "finished": "`assay annotate --engine ray` commits them (nothing is recomputed)"}
+    left = sum(counts[k] for k in moves)
+    detail = "Ray shards: " + ", ".join(f"{n:,} {k}" + (" (finished, not committed)" if k == "finished" else "")
+                                        for k, n in counts.items())
+    if refused:
+        detail += f"; {len(refused)} refused at commit: " + "; ".join(refused[:3])
+    fix = "; ".join(f"{k}: {m}" for k, m in moves.items() if counts[k])
+    if refused:
+        fix += "; refused shards: plan again (their outputs are not this plan's)"
+    return [Finding("shards", "error" if refused else "warn" if left else "ok", left, detail, fix)]
 
 
 def _indexes(store: Store) -> list[Finding]:

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from assay import __version__
 from assay.records import get_schema
+from assay.text import digest, stamp_text_sha_sql
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     )),
     Migration(7, "label requests", ("label_requests",)),
     Migration(8, "audit samples and their design weights", ("audit_samples",)),
+    # labels written before v9 are taken to have judged the texts the workspace holds at migration time
+    Migration(9, "labels and votes bound to the texts they judged", sql=(
+        "ALTER TABLE labels ADD COLUMN IF NOT EXISTS text_sha VARCHAR",
+        "ALTER TABLE label_votes ADD COLUMN IF NOT EXISTS text_sha VARCHAR",
+        stamp_text_sha_sql("labels"),
+        stamp_text_sha_sql("label_votes"),
+    )),
+    Migration(10, "work shards of the Ray engine", ("work_shards",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -445,6 +454,17 @@ class Store:
             for batch in pf.iter_batches(batch_size=200_000, columns=cols):
                 total += self.write(table, batch, mode="append" if mode == "replace" else mode)
         return total
+
+    def fingerprint(self, *tables: str) -> str:
+        """A digest of the contents of whole tables: row count and an order-independent hash of every row's
+        values (the columns that only say which run or file wrote a row, run_id, source and created_at, left out),
+        so re-ingesting an unchanged file keeps it and any edited, added or removed row changes it."""
+        parts = []
+        for t in tables:
+            cols = [c for c in get_schema(t).column_names if c not in ("run_id", "source", "created_at")]
+            n, h = self.exec(f"SELECT count(*), bit_xor(hash({', '.join('x.' + c for c in cols)})) FROM {t} x")[0]
+            parts.append(f"{t}:{n}:{h}")
+        return digest(parts)
 
     # ---- meta
     def set_meta(self, key: str, value: Any) -> None:

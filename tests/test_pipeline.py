@@ -7,8 +7,10 @@ import pytest
 
 from assay import pipeline
 from assay.config import AssayConfig
+from assay.annotate.pairs import count_work
 from assay.store import Store
-from assay.text import digest
+
+from conftest import reingest_titles
 
 pytestmark = pytest.mark.slow
 
@@ -34,27 +36,37 @@ def tiny_config(**serve) -> AssayConfig:
     })
 
 
-def test_a_step_is_stale_only_when_the_config_it_reads_changed():
-    """Changing which baselines train leaves the label requests (and the judges after them) current; changing
-    how many labels to request does not."""
+def test_a_step_is_stale_only_when_what_it_reads_changed():
+    """Changing which baselines train leaves the label requests (and the judges after them) current; changing how
+    many labels to request does not; changing mining retrains the judges (the features judge learns from mining
+    signals) but buys no new label requests; changing a stage's code makes it and what reads it stale."""
     cfg = tiny_config()
-    done = {p["step"]: {"key": p["key"]} for p in pipeline.plan(cfg, {})}
+    done = {p["step"]: {"key": p["key"], "parts": p["parts"]} for p in pipeline.plan(cfg, {})}
     assert all(p["status"] == "current" for p in pipeline.plan(cfg, done))
 
-    def stale(**pipe):
+    def stale(section="pipeline", **upd):
         c = tiny_config()
-        c.pipeline = c.pipeline.model_copy(update=pipe)
+        setattr(c, section, getattr(c, section).model_copy(update=upd))
         return [p["step"] for p in pipeline.plan(c, done) if p["status"] == "run"]
 
     assert stale(baselines=["binary"]) == ["baselines", "export-index", "evaluate"]
     assert stale(label_requests=100) == pipeline.STEP_NAMES[pipeline.STEP_NAMES.index("label-request"):]
-    # keys recorded when label-request and baselines read the whole pipeline section stay current
-    old, prev = {}, "start"
-    for name, sections, _, _ in pipeline.STEPS:
-        sections = pipeline._LEGACY_SECTIONS.get(name, sections)
-        prev = old.setdefault(name, {"key": digest([name, pipeline._sections(cfg, *sections), prev])})["key"]
-    assert old["label-request"] != done["label-request"]
-    assert all(p["status"] == "current" for p in pipeline.plan(cfg, old))
+    after_mine = pipeline.STEP_NAMES[pipeline.STEP_NAMES.index("mine"):]
+    assert stale("mining", k=20) == [s for s in after_mine if s != "label-request"]
+    assert stale("curriculum", val_fraction=0.3) == ["curriculum", "train", "baselines", "export-index", "evaluate"]
+    why = {p["step"]: p.get("why") for p in pipeline.plan(tiny_config(recall_sample=10), done)}
+    assert why["export-index"] == "config changed" and why["evaluate"] == "step export-index changed"
+    # the stage's code is part of its key
+    pipeline.code_digest.cache_clear()
+    real = pipeline.code_digest
+    try:
+        pipeline.code_digest = lambda paths: real(paths) + ("x" if "curriculum" in paths else "")
+        plan = {p["step"]: p for p in pipeline.plan(cfg, done)}
+        assert [n for n, p in plan.items() if p["status"] == "run"] == [
+            "curriculum", "train", "baselines", "export-index", "evaluate"]
+        assert plan["curriculum"]["why"] == "code changed"
+    finally:
+        pipeline.code_digest = real
 
 
 def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):
@@ -81,5 +93,27 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):
     third = pipeline.run(tiny_config(recall_sample=10), ws, progress=False)
     ran = [r["step"] for r in third["steps"] if r["status"] == "ran"]
     assert ran == ["export-index", "evaluate"], third["steps"]
+
+    # a catalog update (some titles edited, re-ingested): mining onward reruns with the same judges, and annotation
+    # labels exactly the pairs that are new or whose texts changed
+    with Store.open(ws) as s:
+        sha = s.scalar("SELECT cascade_sha FROM labels LIMIT 1")
+        old = {(q, i): t for q, i, t in s.exec("SELECT query_id, item_id, text_sha FROM labels WHERE status = 'ok'")}
+        changed = [i for (i,) in s.exec("SELECT DISTINCT item_id FROM candidates ORDER BY hash(item_id) LIMIT 10")]
+        reingest_titles(s, changed, tmp_path / "update")
+    fourth = pipeline.run(tiny_config(recall_sample=10), ws, progress=False)
+    ran = {r["step"]: r.get("why") for r in fourth["steps"] if r["status"] == "ran"}
+    assert list(ran) == ["mine", "annotate", "agreement", "curriculum", "train", "baselines", "export-index",
+                         "evaluate"], fourth["steps"]
+    assert ran["mine"] == "input products changed"
+    with Store.open(ws, read_only=True) as s:
+        run_id = s.scalar("SELECT run_id FROM runs WHERE stage = 'annotate' ORDER BY started_at DESC LIMIT 1")
+        relabeled = set(s.exec("SELECT query_id, item_id FROM labels WHERE run_id = ?", [run_id]))
+        work = set(s.exec("SELECT query_id, item_id FROM candidates UNION SELECT query_id, item_id FROM negatives"))
+        assert relabeled == {k for k in work if k not in old or k[1] in changed}
+        assert any(k[1] in changed for k in relabeled)
+        assert {sha} == {r for (r,) in s.exec("SELECT DISTINCT cascade_sha FROM labels")}  # the same judges
+        w = count_work(s, ["candidates", "negatives"], sha)
+        assert w["stale"] == 0 and w["pending"] == 0
     with pytest.raises(ValueError, match="unknown step"):
         pipeline.run(tiny_config(), ws, force=["nope"], progress=False)

@@ -1,6 +1,7 @@
 """`assay export`: the labeled dataset, one row per cascade label, with the lineage people need to audit it.
 
-Reads ``labels`` (one cascade: the newest unless ``export.cascade`` names one; ``ok`` labels only), ``label_votes``,
+Reads ``labels`` (one cascade: the newest unless ``export.cascade`` names one; ``ok`` labels whose texts are
+unchanged: a stale label is skipped and counted in the summary), ``label_votes``,
 ``candidates``, ``negatives``, ``examples``, ``human_labels``, ``queries`` and ``products``. Every row carries:
 
 - the pair: query id and text, segment, item id, title and the item text the judges read (``assay.text``);
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from assay.annotate.pairs import HUMAN_GRADE_SQL
+from assay.annotate.pairs import HUMAN_GRADE_SQL, count_stale, current_labels_sql
 from assay.config import ExportConfig
 from assay.store import Store
 
@@ -98,7 +99,7 @@ def lineage_sql(cascade_sha: str, filters: dict | None = None) -> tuple[str, lis
            l.grade, l.probs, l.decided_by, l.confidence, l.cascade_sha, l.batch_id, v.votes,
            e.tier, e.stage, e.target, e.split, e.grade_source, h.human_grade, h.human_votes, h.human_split,
            coalesce(c.run_id, n.run_id) AS mine_run_id, l.run_id AS annotate_run_id, e.run_id AS curriculum_run_id
-    FROM labels l
+    FROM {current_labels_sql()} l
     JOIN queries q USING (query_id)
     JOIN products p USING (item_id)
     LEFT JOIN candidates c USING (query_id, item_id)
@@ -269,7 +270,7 @@ def run(cfg: ExportConfig, store: Store, out: Path, *, fmt: str | None = None, f
         with tqdm(total=total, desc=f"export {fmt}", unit=" rows", disable=not progress) as bar:
             n = write_batches(rows(store, sha, filters, cfg.batch_rows), out, fmt, bar)
         summary = {"run_id": run_id, "rows": n, "format": fmt, "out": str(out), "cascade_sha": sha,
-                   "filters": filters}
+                   "filters": filters, "stale_skipped": count_stale(store, sha)}
         if fmt == "labelstudio":
             summary["label_config"] = str(out.with_name(out.stem + ".label_config.xml"))
         store.finish_run(run_id, summary)
