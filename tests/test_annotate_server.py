@@ -74,3 +74,100 @@ def test_server_killed_mid_run_then_rerun_completes_without_duplicates(mined_mas
             assert sum(v["parse_status"] in ("ok", "json") for v in ok_votes) >= 6
     finally:
         stop_process(proc)
+
+
+class _GradingServer:
+    """A real OpenAI-compatible HTTP server on loopback that grades every prompt 3, except prompts naming a
+    poisoned product, which it answers with text no parser can read (as a model that ignores its instructions
+    does). It counts the requests per poisoned title; ``healed`` makes it answer those properly too."""
+
+    def __init__(self, poison: str):
+        import http.server
+        import json
+        import threading
+
+        self.poison, self.healed, self.poisoned_calls, self.calls = poison, False, {}, 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                self._send({"object": "list", "data": [{"id": "grader", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = " ".join(m["content"] for m in body["messages"] if isinstance(m.get("content"), str))
+                outer.calls += 1
+                bad = outer.poison in prompt and not outer.healed
+                if outer.poison in prompt:
+                    outer.poisoned_calls[prompt] = outer.poisoned_calls.get(prompt, 0) + 1  # one prompt per pair
+                text = "I would rather talk about the weather." if bad else '{"grade": 3}'
+                self._send({"id": "c", "object": "chat.completion", "created": 0, "model": "grader",
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": text}}],
+                            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+            def _send(self, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(300)
+def test_the_main_job_bounds_retries_of_pairs_that_always_fail(mined_master, tmp_path):
+    """`assay run`'s annotate step used to repeat launches while anything was pending, so a pair an endpoint never
+    answers usably was retried forever. Now each failing pair gets annotate.max_attempts tries, the step stops
+    with an error that says how many failed and why, the pairs stay `failed`, and `assay annotate` retries them."""
+    from assay import pipeline
+    from assay.config import AssayConfig
+
+    ws = copy_ws(mined_master[0], tmp_path / "ws")
+    server = _GradingServer(poison="zzpoison")
+    try:
+        with Store.open(ws) as s:
+            keep = [q for (q,) in s.exec("SELECT DISTINCT query_id FROM negatives ORDER BY 1 LIMIT 2")]
+            s.exec("DELETE FROM negatives WHERE query_id NOT IN (SELECT unnest(?::VARCHAR[]))", [keep])
+            items = [i for (i,) in s.exec("SELECT item_id FROM negatives ORDER BY hash(item_id) LIMIT 5")]
+            s.exec("UPDATE products SET title = 'zzpoison ' || item_id || ' ' || title "
+                   "WHERE item_id IN (SELECT unnest(?::VARCHAR[]))", [items])
+            poisoned = s.scalar("SELECT count(*) FROM negatives WHERE item_id IN (SELECT unnest(?::VARCHAR[]))",
+                                [items])
+            work = s.count("negatives")
+        cfg = AssayConfig.model_validate({"annotate": {
+            "judges": [{"name": "grader", "kind": "prompted", "model": "grader", "backend": "openai",
+                        "base_url": server.url, "api_key_env": "ASSAY_TEST_NO_KEY", "max_retries": 0,
+                        "concurrency": 4}],
+            "thresholds": {"grader": [0.0] * 5}, "sources": ["negatives"], "batch_size": 8, "max_pairs": 16,
+            "max_attempts": 3}})
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 5, 400)
+        p = np.full((400, 5), 0.1)
+        p[np.arange(400), y] = 0.6
+        IsotonicCalibrator().fit(p, y).save(calibrator_file(ws / "artifacts", "grader"))
+        with Store.open(ws) as s:
+            with pytest.raises(pipeline.AnnotationIncomplete, match=rf"{poisoned} of {work} mined pairs failed after 3 "
+                                                                    r"tries each .*grader unparsed"):
+                pipeline._annotate(cfg, s, False)
+            assert dict(s.exec("SELECT status, count(*) FROM labels GROUP BY 1")) == {"ok": work - poisoned,
+                                                                                     "failed": poisoned}
+        assert sorted(server.poisoned_calls.values()) == [3] * poisoned  # each poisoned pair, three tries
+        assert server.calls == work - poisoned + 3 * poisoned
+        server.healed = True  # the cause is fixed: `assay annotate` picks the failed pairs up again
+        with Store.open(ws) as s:
+            again = batches.run(cfg.annotate, s, progress=False)
+            assert again["annotated"] == poisoned and again["after"]["failed"] == 0 and again["after"]["pending"] == 0
+    finally:
+        server.close()
