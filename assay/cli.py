@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -40,11 +41,25 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars, warnings
 JsonOpt = typer.Option(False, "--json", help="print the result as JSON")
 
 
+REMEMBERED_CONFIG = "config.yaml"  # in the workspace: the config of the newest command run on it with -c
+
+
 class Ctx:
+    """A command's workspace and config. Without ``-c`` a command uses the config the workspace remembers (the one
+    the newest writing command with ``-c`` ran with, ``WORKSPACE/config.yaml``, secrets redacted) and says so in one
+    line; a writing command with ``-c`` makes the workspace remember its config (with its ``--set`` overrides)."""
+
     def __init__(self, workspace: Optional[Path], config: Optional[Path], overrides: Optional[list[str]], quiet: bool):
         self.workspace = Path(workspace or os.environ.get("ASSAY_WORKSPACE") or "workspace")
         self.quiet = quiet
+        self.config_path = config
         _setup_logging(quiet)
+        remembered = self.workspace / REMEMBERED_CONFIG
+        if config is None and remembered.exists():
+            config = remembered
+            if not quiet:
+                err.print(f"using the config workspace {self.workspace} remembers ({remembered}); -c FILE uses "
+                          "another", highlight=False)
         try:
             self.cfg: AssayConfig = load_config(config, overrides or [])
         except ConfigError as e:
@@ -56,10 +71,25 @@ class Ctx:
 
     def open(self, read_only: bool = False) -> Store:
         try:
-            return Store.open(self.workspace, read_only=read_only, threads=self.cfg.store.threads,
-                              memory_limit=self.cfg.store.memory_limit)
+            store = Store.open(self.workspace, read_only=read_only, threads=self.cfg.store.threads,
+                               memory_limit=self.cfg.store.memory_limit)
         except (WorkspaceLocked, WorkspaceMissing) as e:
             _fail(str(e))
+        if not read_only:
+            self.remember()
+        return store
+
+    def remember(self) -> None:
+        """Make the workspace remember this command's config when it was given with -c (a writer holds the lock)."""
+        if self.config_path is None:
+            return
+        from assay.store import redact
+
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        tmp = self.workspace / (REMEMBERED_CONFIG + ".tmp")
+        tmp.write_text(f"# remembered from {self.config_path}: the config of the newest command run with -c\n"
+                       + yaml.safe_dump(redact(self.cfg.model_dump(mode="json")), sort_keys=False))
+        tmp.replace(self.workspace / REMEMBERED_CONFIG)
 
 
 STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError)
@@ -739,6 +769,7 @@ def run_pipeline(force: Optional[list[str]] = typer.Option(None, "--force", help
     ctx = Ctx(workspace, config, set_, quiet)
     t0 = __import__("time").perf_counter()
     try:
+        ctx.remember()
         s = pipeline.run(ctx.cfg, ctx.workspace, force=force, progress=not quiet,
                          on_step=None if quiet or as_json else lambda n, st: err.print(f"[bold]{n}[/bold]: {st}"))
     except (WorkspaceLocked, WorkspaceMissing, *STAGE_ERRORS) as e:

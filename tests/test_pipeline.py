@@ -3,16 +3,39 @@ section changed (only the steps that read it, and those after them, run again)."
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+import shlex
+
+import numpy as np
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from assay import pipeline
 from assay.config import AssayConfig
 from assay.annotate.pairs import count_work
 from assay.store import Store
 
-from conftest import reingest_titles
+from assay.cli import app
+from assay.data.judgments import load_oracle
 
-pytestmark = pytest.mark.slow
+from conftest import REPO, reingest_titles
+
+
+def grade_audit_file(path, oracle) -> None:
+    """People fill in audit_grade: the simulated world's truth here."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    grades = oracle.grade(np.array([r["query_id"] for r in rows], dtype=object),
+                          np.array([r["item_id"] for r in rows], dtype=object))
+    for r, g in zip(rows, grades):
+        r["audit_grade"] = int(g)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def tiny_config(**serve) -> AssayConfig:
@@ -69,9 +92,21 @@ def test_a_step_is_stale_only_when_what_it_reads_changed():
         pipeline.code_digest = real
 
 
-def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):
-    ws = tmp_path / "ws"
-    first = pipeline.run(tiny_config(), ws, progress=False)
+def readme_block(marker: str) -> list[list[str]]:
+    """The `assay ...` command lines of the README code block that contains ``marker``, as written (comments cut)."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    block = next(b for b in blocks if marker in b)
+    return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("assay ")]
+
+
+def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monkeypatch):
+    ws = tmp_path / "workspace"
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["run", "-w", str(ws), "-c", str(cfg_file), "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)
     assert [r["step"] for r in first["steps"]] == pipeline.STEP_NAMES
     assert all(r["status"] == "ran" for r in first["steps"]), first["steps"]
     ev = first["evaluate"]
@@ -115,5 +150,18 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path):
         assert {sha} == {r for (r,) in s.exec("SELECT DISTINCT cascade_sha FROM labels")}  # the same judges
         w = count_work(s, ["candidates", "negatives"], sha)
         assert w["stale"] == 0 and w["pending"] == 0
+
+    # the README's audit commands, as written (no -c: the workspace remembers the config `assay run -c` used)
+    monkeypatch.chdir(tmp_path)
+    block = readme_block("assay audit sample")
+    assert [a[1] for a in block][:2] == ["export", "audit"] and ["assay", "calibrate", "-w", "workspace",
+                                                                 "--from-audit"] in block
+    for argv in block:
+        if argv[1:3] == ["audit", "import"]:
+            with Store.open(ws, read_only=True) as s:
+                grade_audit_file(tmp_path / argv[-1], load_oracle(s))
+        res = CliRunner().invoke(app, argv[1:])
+        assert res.exit_code == 0, (argv, res.output)
+        assert "remembers" in res.stderr, (argv, res.stderr)
     with pytest.raises(ValueError, match="unknown step"):
         pipeline.run(tiny_config(), ws, force=["nope"], progress=False)
