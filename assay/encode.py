@@ -156,7 +156,7 @@ class EmbeddingCache:
         out = np.zeros((len(shas), dim), dtype=np.float32)
         found = np.zeros(len(shas), dtype=bool)
         for sha_file, vec_file in self._shards():
-            cached = np.load(sha_file)
+            cached = np.load(sha_file, allow_pickle=False)
             if not len(cached):
                 continue
             order = np.argsort(cached)
@@ -164,7 +164,7 @@ class EmbeddingCache:
             pos = np.clip(pos, 0, len(cached) - 1)
             hit = (cached[order[pos]] == shas) & ~found
             if hit.any():
-                vecs = np.load(vec_file, mmap_mode="r")
+                vecs = np.load(vec_file, mmap_mode="r", allow_pickle=False)
                 out[hit] = vecs[order[pos[hit]]]
                 found |= hit
         return out, found
@@ -181,7 +181,7 @@ class EmbeddingCache:
             os.replace(tmp, base.with_name(base.name + suffix))
 
     def count(self) -> int:
-        return sum(len(np.load(s)) for s, _ in self._shards())
+        return sum(len(np.load(s, allow_pickle=False)) for s, _ in self._shards())
 
 
 def encode_cached(encoder: Encoder, texts: list[str], cache_root: Path, progress: bool = False,

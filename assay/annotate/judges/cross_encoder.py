@@ -57,7 +57,9 @@ class CrossEncoderJudge(ClassifierJudge):
     def _restore(cls, cfg, resolved, model_dir: Path):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+        # a workspace folder: safetensors weights only (never a pickled .bin), no code from the folder
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
+                                                                   use_safetensors=True, trust_remote_code=False)
         model.eval()
         return model, tokenizer

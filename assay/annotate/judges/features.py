@@ -16,17 +16,28 @@ they are) maps them to five grade probabilities; `assay calibrate` calibrates it
 thresholds at which it settles a pair. Cheap and sure of the clear cases (random negatives, unrelated items), it
 keeps them from the cross-encoders.
 
+- (``stuffing_features: true``) signals that see keyword stuffing, from the pair's text and the catalog's typical
+  title length per category (:func:`assay.annotate.stuffing.stuffing_features`).
+
 Training: `assay teachers train` on the same human labels as the other judges, ``class_weight`` as for the
-classifiers, early stopping on 10% of the training pairs. Saved to ``artifacts/teachers/<name>/model/`` as
-``model.pkl`` plus ``manifest.json`` (config digest, feature list, scikit-learn version); a model trained with a
-different config or feature list is refused with the command that retrains it.
+classifiers, early stopping on 10% of the training pairs. With ``stuffed_negatives: S`` it also learns a stuffed
+copy (same grade) of a share S of its grade 0-1 training pairs: text features and the embedding cosine are
+recomputed on the stuffed title, the channel signals (ranks, scores, prior, negative kind) are taken from a training
+pair that honestly holds every query word in its title (of the same query when there is one, grade 2 or above),
+because that is how a title holding every query word looks to BM25 and the ANN channel, and engagement stays the
+clean pair's (an edited title has no history).
+
+Saved to ``artifacts/teachers/<name>/model/`` as ``trees.npz`` (the fitted trees as numeric arrays,
+:mod:`assay.annotate.judges._trees`; loading it runs no code) plus ``manifest.json`` (config digest, feature list,
+scikit-learn version, the sha256 of ``trees.npz``). A model trained with a different config or feature list, a
+``trees.npz`` whose sha256 differs from the manifest's, and a model saved by an older assay as ``model.pkl`` (never
+unpickled) are refused with the command that retrains it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
-import re
 import shutil
 import time
 from pathlib import Path
@@ -37,20 +48,42 @@ import pyarrow as pa
 
 from assay.annotate.base import N_GRADES, OK, JudgeOutput, Pair
 from assay.annotate.judges import teacher_dir
+from assay.annotate.judges import _trees
 from assay.annotate.judges._classifier import (JudgeNotReady, cap_train_pairs, check_manifest, class_weights,
-                                               config_digest, files_sha, read_manifest, write_manifest)
+                                               config_digest, read_manifest, write_manifest)
+from assay.annotate.stuffing import STUFFING_FEATURES, pick_stuffed, stuff, stuffing_features, tokens
 from assay.text import item_text
 
-FEATURES_VERSION = "features/1"
-FEATURES = [
+FEATURES_VERSION = "features/2"
+MODEL_FILE = "trees.npz"
+LEGACY_FILE = "model.pkl"
+BASE_FEATURES = [
     "rank_bm25", "rank_ann", "rank_click", "score_bm25", "score_ann", "score_click", "rel_bm25", "gap_ann",
     "n_channels", "prior", "mined", "neg_token_sim", "neg_random", "neg_similarity",
     "impressions", "clicks", "add_to_carts", "orders", "ctr", "cosine",
     "q_tokens", "title_overlap", "text_overlap", "head_in_title", "head_in_category", "title_tokens",
 ]
-TRAIN_FIELDS = ("kind", "model", "max_length", "trees", "learning_rate", "max_train_pairs", "class_weight", "seed")
+FEATURES = BASE_FEATURES + STUFFING_FEATURES  # every feature this version knows; a judge uses feature_names(cfg)
+# the mining-signal columns a stuffed training copy takes from a pair that holds every query word in its title
+CHANNEL_FEATURES = ["rank_bm25", "rank_ann", "rank_click", "score_bm25", "score_ann", "score_click", "rel_bm25",
+                    "gap_ann", "n_channels", "prior", "mined", "neg_token_sim", "neg_random", "neg_similarity"]
+TRAIN_FIELDS = ("kind", "model", "max_length", "trees", "learning_rate", "max_train_pairs", "class_weight",
+                "stuffed_negatives", "stuffing_features", "seed")
 DEFAULT_LR = 0.1
-_TOKEN = re.compile(r"[a-z0-9]+")
+# the mining signals of a stuffed training copy: "clean" (the pair's own: the title was edited after mining),
+# "mined" (from a pair holding every query word: mined again after the edit) or "both" (one copy of each)
+STUFFED_SIGNALS = "both"
+_TYPICAL_SQL = """SELECT category, median(len(regexp_extract_all(lower(title), '[a-z0-9]+'))) FROM products
+                  WHERE category IS NOT NULL GROUP BY 1"""
+
+
+def feature_names(cfg) -> list[str]:
+    """The features a judge with this config reads, in column order."""
+    return BASE_FEATURES + (STUFFING_FEATURES if cfg.stuffing_features else [])
+
+
+# the features read from the workspace (the SQL below); the rest are computed from the pair's texts
+SIGNALS = FEATURES[:FEATURES.index("cosine")]
 
 _SQL = """
 SELECT p.ord, c.rank_bm25, c.rank_ann, c.rank_click, c.score_bm25, c.score_ann, c.score_click,
@@ -75,8 +108,28 @@ ORDER BY p.ord
 """
 
 
-def _tokens(text: str | None) -> list[str]:
-    return _TOKEN.findall((text or "").lower())
+def read_signals(store, query_ids: Sequence[str], item_ids: Sequence[str]) -> pa.Table:
+    """The workspace signals (:data:`SIGNALS`, NULL where missing) of each (query, item) pair, in input order. The
+    Ray engine's plan exports them into its shards, so workers never open the workspace (assay.scale.plan)."""
+    keys = pa.table({"ord": np.arange(len(query_ids), dtype=np.int64), "query_id": pa.array(query_ids, pa.string()),
+                     "item_id": pa.array(item_ids, pa.string())})
+    store.con.register("_fpairs", keys)
+    try:
+        tbl = store.query(_SQL)
+    finally:
+        store.con.unregister("_fpairs")
+    return tbl.select(SIGNALS)
+
+
+_tokens = tokens
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def text_features(pairs: Sequence[Pair]) -> np.ndarray:
@@ -95,6 +148,12 @@ def text_features(pairs: Sequence[Pair]) -> np.ndarray:
     return out
 
 
+def typical_title_tokens(store) -> dict[str, float]:
+    """Median title length in tokens per category of the workspace's catalog (kept in the manifest at training, so
+    later title edits do not move the reference)."""
+    return {c: float(m) for c, m in store.exec(_TYPICAL_SQL) if m}
+
+
 class FeaturesJudge:
     """Gradient-boosted trees over mining signals; see the module docstring."""
 
@@ -108,6 +167,8 @@ class FeaturesJudge:
         self.prompt_sha: str = manifest["features_sha"]
         self.model_id: str = f"{FEATURES_VERSION}+{cfg.name}@{manifest['weights_sha']}"
         self.store = None
+        self.artifacts: Path | None = None
+        self._signals: tuple[dict, np.ndarray] | None = None
         self._encoder = None
 
     # -- construction ---------------------------------------------------------------------------
@@ -119,8 +180,9 @@ class FeaturesJudge:
         return out
 
     @staticmethod
-    def features_sha() -> str:
-        return config_digest({"version": FEATURES_VERSION, "features": FEATURES})
+    def features_sha(cfg=None) -> str:
+        names = FEATURES if cfg is None else feature_names(cfg)
+        return config_digest({"version": FEATURES_VERSION, "features": names})
 
     @staticmethod
     def model_dir(cfg, artifacts: Path) -> Path:
@@ -139,12 +201,20 @@ class FeaturesJudge:
         if len(pairs) == 0 or len(g) != len(pairs):
             raise ValueError(f"judge {cfg.name!r}: need one grade per pair and at least one pair")
         pairs, g = cap_train_pairs(cfg, pairs, g)
+        n_human = len(g)
         tcfg = cls.train_config(cfg)
-        judge = cls(cfg, None, {"features_sha": cls.features_sha(), "weights_sha": "untrained"})
+        typical = typical_title_tokens(store) if cfg.stuffing_features else {}
+        judge = cls(cfg, None, {"features_sha": cls.features_sha(cfg), "weights_sha": "untrained",
+                                "typical_title_tokens": typical})
         judge.bind(store)
         t0 = time.perf_counter()
         x = judge.features(pairs, progress=progress)
+        pick = pick_stuffed(g, cfg.stuffed_negatives, cfg.seed)
+        if len(pick):
+            xs, src = judge.stuffed_features(pairs, g, x, pick)
+            x, g = np.concatenate([x, xs]), np.concatenate([g, g[src]])
         feat_s = time.perf_counter() - t0
+        x[:, np.isnan(x).all(axis=0)] = 0.0  # a signal absent everywhere (model: none) cannot be binned; no split uses it
         cw = class_weights(g, cfg.class_weight)
         sw = None if cw is None else cw[g]
         model = HistGradientBoostingClassifier(max_iter=cfg.trees, learning_rate=tcfg["learning_rate"],
@@ -157,36 +227,60 @@ class FeaturesJudge:
         tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with open(tmp / "model.pkl", "wb") as fh:
-            pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        manifest = {"kind": cls.kind, "name": cfg.name, "features_version": FEATURES_VERSION, "features": FEATURES,
-                    "features_sha": cls.features_sha(), "config": tcfg, "config_digest": config_digest(tcfg),
-                    "sklearn": sk_version, "n_train": len(g), "grade_counts": np.bincount(g, minlength=N_GRADES).tolist(),
-                    "iterations": int(model.n_iter_), "weights_sha": files_sha(tmp, ".pkl"),
+        _trees.Trees.from_sklearn(model).save(tmp / MODEL_FILE)
+        sha = _sha256(tmp / MODEL_FILE)
+        manifest = {"kind": cls.kind, "name": cfg.name, "features_version": FEATURES_VERSION,
+                    "features": feature_names(cfg), "features_sha": cls.features_sha(cfg), "config": tcfg,
+                    "config_digest": config_digest(tcfg), "sklearn": sk_version, "format": _trees.FORMAT,
+                    "model_file": MODEL_FILE, "model_sha256": sha, "n_train": len(g), "n_stuffed": len(g) - n_human,
+                    "grade_counts": np.bincount(g, minlength=N_GRADES).tolist(), "iterations": int(model.n_iter_),
+                    "weights_sha": sha[:16], "typical_title_tokens": typical,
                     "feature_seconds": round(feat_s, 3), "train_seconds": round(fit_s, 3)}
         write_manifest(tmp, manifest)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        return {k: manifest[k] for k in ("n_train", "grade_counts", "iterations", "weights_sha", "feature_seconds",
-                                          "train_seconds")}
+        return {k: manifest[k] for k in ("n_train", "n_stuffed", "grade_counts", "iterations", "weights_sha",
+                                          "feature_seconds", "train_seconds")}
 
     @classmethod
     def load(cls, cfg, artifacts: Path) -> "FeaturesJudge":
+        """The trained judge from ``trees.npz`` (plain arrays, never unpickled); raises :class:`JudgeNotReady` when
+        it is missing, stale, saved by an older assay, or does not match the sha256 its manifest recorded."""
         model_dir = cls.model_dir(cfg, artifacts)
+        retrain = f"run `assay teachers train --judge {cfg.name}`"
+        path = model_dir / MODEL_FILE
+        if not path.exists() and (model_dir / LEGACY_FILE).exists():
+            raise JudgeNotReady(f"judge {cfg.name!r} was saved by an older assay as a pickle ({model_dir / LEGACY_FILE}), "
+                                f"which is never loaded because unpickling can run code; {retrain}")
         manifest = read_manifest(model_dir, cfg.name)
         check_manifest(manifest, {"kind": cls.kind, "config": cls.train_config(cfg),
-                                  "features_sha": cls.features_sha()}, cfg.name)
-        if files_sha(model_dir, ".pkl") != manifest.get("weights_sha"):
-            raise JudgeNotReady(f"judge {cfg.name!r}: {model_dir / 'model.pkl'} does not match its manifest; "
-                                "run `assay teachers train`")
-        with open(model_dir / "model.pkl", "rb") as fh:
-            model = pickle.load(fh)  # noqa: S301 - our own artifact, checked against the manifest sha above
+                                  "features_sha": cls.features_sha(cfg), "format": _trees.FORMAT}, cfg.name)
+        if not path.exists():
+            raise JudgeNotReady(f"judge {cfg.name!r} is not trained: no {path}; {retrain}")
+        if _sha256(path) != manifest.get("model_sha256"):
+            raise JudgeNotReady(f"judge {cfg.name!r}: {path} does not match the sha256 its manifest recorded (changed "
+                                f"or replaced); {retrain}")
+        try:
+            model = _trees.load(path)
+        except _trees.TreesFormatError as e:
+            raise JudgeNotReady(f"judge {cfg.name!r}: {e}; {retrain}") from None
+        if model.n_features != len(feature_names(cfg)):
+            raise JudgeNotReady(f"judge {cfg.name!r}: {path} reads {model.n_features} features, the config "
+                                f"{len(feature_names(cfg))}; {retrain}")
         return cls(cfg, model, manifest)
 
     def bind(self, store) -> None:
         """The workspace the mining signals are read from (done by ``prepare_judges``)."""
         self.store = store
+        self.artifacts = store.artifacts
+
+    def use_signals(self, keys: Sequence[tuple[str, str]], values: np.ndarray, artifacts: Path) -> None:
+        """Read the workspace signals from ``values`` ((n, len(SIGNALS)) float, NaN where missing; row k belongs to
+        ``keys[k]`` = (query_id, item_id)) instead of the workspace: a Ray worker, which never opens it.
+        ``artifacts`` holds the embedding cache the cosine feature reads."""
+        self._signals = ({k: r for r, k in enumerate(keys)}, np.asarray(values, dtype=np.float32))
+        self.artifacts = Path(artifacts)
 
     # -- features -------------------------------------------------------------------------------
 
@@ -199,31 +293,60 @@ class FeaturesJudge:
             self._encoder = Encoder(self.cfg.model, max_seq_length=self.cfg.max_length, precision="fp32",
                                     batch_size=self.cfg.batch_size)
         items = [item_text(p.title, p.brand, p.category, p.attributes) for p in pairs]
-        qv, _ = encode_cached(self._encoder, [p.query for p in pairs], self.store.artifacts, desc="encode queries")
-        iv, _ = encode_cached(self._encoder, items, self.store.artifacts, desc="encode items")
+        qv, _ = encode_cached(self._encoder, [p.query for p in pairs], self.artifacts, desc="encode queries")
+        iv, _ = encode_cached(self._encoder, items, self.artifacts, desc="encode items")
         return (qv * iv).sum(axis=1).astype(np.float32)
 
+    def stuffed_features(self, pairs: Sequence[Pair], grades: np.ndarray, x: np.ndarray,
+                         pick: np.ndarray) -> np.ndarray:
+        """Feature rows of the stuffed copies of ``pairs[pick]`` (see the module docstring): text features and cosine
+        recomputed on the stuffed title, channel signals from a training pair of grade 2 or above that holds every
+        query word in its title (same query first, else any), engagement kept."""
+        names = feature_names(self.cfg)
+        stuffed = [stuff(pairs[i]) for i in pick]
+        xs = self.features(stuffed)
+        xs[:, :len(SIGNALS)] = x[pick, :len(SIGNALS)]
+        if STUFFED_SIGNALS == "clean":
+            return xs, pick
+        mined = xs.copy()
+        donors = np.flatnonzero((x[:, names.index("title_overlap")] >= 1) & (np.asarray(grades) >= 2))
+        if len(donors):
+            by_query: dict[str, list[int]] = {}
+            for d in donors:
+                by_query.setdefault(pairs[d].query_id, []).append(int(d))
+            rng = np.random.default_rng([self.cfg.seed, 29])
+            cols = [names.index(c) for c in CHANNEL_FEATURES]
+            for row, i in enumerate(pick):
+                pool = by_query.get(pairs[i].query_id) or donors
+                mined[row, cols] = x[pool[rng.integers(len(pool))], cols]
+        if STUFFED_SIGNALS == "mined":
+            return mined, pick
+        return np.concatenate([xs, mined]), np.concatenate([pick, pick])
+
     def features(self, pairs: Sequence[Pair], progress: bool = False) -> np.ndarray:
-        """(n, len(FEATURES)) float32 with NaN for missing signals, rows in input order."""
-        if self.store is None:
+        """(n, len(feature_names(cfg))) float32 with NaN for missing signals, rows in input order."""
+        if self.store is None and self._signals is None:
             raise RuntimeError(f"judge {self.name!r} (kind features) is not bound to a workspace; load judges with "
                                "assay.annotate.fit.prepare_judges")
         n = len(pairs)
+        names = feature_names(self.cfg)
         if n == 0:
-            return np.zeros((0, len(FEATURES)), dtype=np.float32)
-        keys = pa.table({"ord": np.arange(n, dtype=np.int64), "query_id": [p.query_id for p in pairs],
-                         "item_id": [p.item_id for p in pairs]})
-        self.store.con.register("_fpairs", keys)
-        try:
-            tbl = self.store.query(_SQL)
-        finally:
-            self.store.con.unregister("_fpairs")
-        sql_cols = [c for c in tbl.column_names if c != "ord"]
-        x = np.full((n, len(FEATURES)), np.nan, dtype=np.float32)
-        for c in sql_cols:
-            x[:, FEATURES.index(c)] = tbl.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            return np.zeros((0, len(names)), dtype=np.float32)
+        x = np.full((n, len(names)), np.nan, dtype=np.float32)
+        if self._signals is not None:
+            rows, values = self._signals
+            try:
+                x[:, :len(SIGNALS)] = values[[rows[(p.query_id, p.item_id)] for p in pairs]]
+            except KeyError as e:
+                raise KeyError(f"judge {self.name!r}: no precomputed signals for pair {e.args[0]}") from None
+        else:
+            tbl = read_signals(self.store, [p.query_id for p in pairs], [p.item_id for p in pairs])
+            for c in SIGNALS:
+                x[:, FEATURES.index(c)] = tbl.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
         x[:, FEATURES.index("cosine")] = self._cosine(pairs)
-        x[:, FEATURES.index("q_tokens"):] = text_features(pairs)
+        x[:, FEATURES.index("q_tokens"):len(BASE_FEATURES)] = text_features(pairs)
+        if self.cfg.stuffing_features:
+            x[:, len(BASE_FEATURES):] = stuffing_features(pairs, self.manifest.get("typical_title_tokens"))
         return x
 
     def predict(self, pairs: Sequence[Pair], progress: bool = False) -> JudgeOutput:
@@ -232,8 +355,7 @@ class FeaturesJudge:
         probs = np.zeros((n, N_GRADES), dtype=np.float32)
         if n:
             x = self.features(pairs, progress=progress)
-            p = self.model.predict_proba(x)
-            probs[:, self.model.classes_.astype(np.int64)] = p
+            probs[:, self.model.classes.astype(np.int64)] = self.model.predict_proba(x)
         ms = (time.perf_counter() - t0) * 1000.0 / max(n, 1)
         return JudgeOutput(probs=probs, raw=[None] * n, parse_status=[OK] * n, latency_ms=np.full(n, ms))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from assay.annotate.judges._classifier import GRADE_NAMES, ClassifierJudge, JudgeNotReady
+from assay.annotate.judges._classifier import GRADE_NAMES, TRAIN_COMMAND, ClassifierJudge, JudgeNotReady
 
 __all__ = ["LLMClassifierJudge", "JudgeNotReady", "load_base", "lora_targets"]
 
@@ -134,6 +134,9 @@ class LLMClassifierJudge(ClassifierJudge):
     def _restore(cls, cfg, resolved, model_dir: Path):
         from peft import PeftModel
 
+        if not (Path(model_dir) / "adapter_model.safetensors").exists():  # peft would fall back to a pickled .bin
+            raise JudgeNotReady(f"judge {cfg.name!r}: no adapter_model.safetensors in {model_dir} (other weight files "
+                                f"are not loaded); run {TRAIN_COMMAND}")
         base, tokenizer = cls._fresh_base(resolved)
         model = PeftModel.from_pretrained(base, model_dir, is_trainable=False)
         model.eval()
