@@ -218,10 +218,11 @@ def test_the_report_names_the_system_serving_would_answer_with(tmp_path):
         rec(s, "baseline-graded", 0, 0.88)
         systems = default_systems(s)
         assert set(systems) == {"bm25", "base encoder", "curriculum", "baseline-graded"}
-        got = served_system(AssayConfig(), s, systems)
+        got = served_system(AssayConfig(serve={"checkpoint": None}), s, systems)
         assert got["system"] == "curriculum" and got["path"] == str(tmp_path / "train" / "stage2" / "best")
         assert "unset" in served_line(got) and "serves curriculum" in served_line(got)
         assert served_system(AssayConfig(serve={"checkpoint": "best"}), s, systems)["system"] == "baseline-graded"
+        assert served_system(AssayConfig(), s, systems)["system"] == "baseline-graded"  # best is the default
         elsewhere = tmp_path / "elsewhere"
         got = served_system(AssayConfig(serve={"checkpoint": str(elsewhere)}), s, systems)
         assert got["system"] == "served" and systems["served"] == str(elsewhere)

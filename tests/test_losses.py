@@ -16,6 +16,7 @@ from assay.trainer.losses import (
     GradedTripletLoss,
     ListwiseMNRLoss,
     MixedNegativesLoss,
+    PacedLoss,
     get_loss,
 )
 
@@ -366,6 +367,9 @@ def test_every_loss_backward_finite_with_padding_garbage(name):
     elif name == "mnr":
         sims = t([[0.9, 0.2, NAN, 0.4, 1e9, 0.6], [0.1, 0.2, NAN, 0.4, -1e9, 0.6]]).requires_grad_(True)
         out = get_loss(name)(sims, targets, mask)
+    elif name == "paced":  # one row of each mix
+        sims = t([[0.9, 0.2, NAN, 0.4, 1e9, 0.6], [0.1, 0.2, NAN, 0.4, -1e9, 0.6]]).requires_grad_(True)
+        out = get_loss(name)(sims, targets, targets, mask, torch.tensor([True, False]))
     else:
         sims = t([[0.9, 0.2, NAN, 0.4, 1e9, 0.6], [0.1, 0.2, NAN, 0.4, -1e9, 0.6]]).requires_grad_(True)
         rnd = t([[0.3], [-0.2]]).requires_grad_(True)
@@ -379,7 +383,7 @@ def test_every_loss_backward_finite_with_padding_garbage(name):
 
 
 def test_get_loss_and_registry():
-    assert set(LOSSES) == {"bce", "mnr", "triplet", "mixed"}
+    assert set(LOSSES) == {"bce", "mnr", "triplet", "mixed", "paced"}
     assert isinstance(get_loss("mnr", scale=5.0), ListwiseMNRLoss)
     assert get_loss("mnr", scale=5.0).get_config_dict() == {"scale": 5.0, "min_target": 0.0}
     assert get_loss("mixed").get_config_dict() == {"alpha": 0.5, "scale": 20.0, "min_target": 0.0}
@@ -417,3 +421,43 @@ def test_gathered_columns_of_other_ranks_are_in_batch_negatives():
     mixed = MixedNegativesLoss(alpha=r / (n_in + r), scale=20.0)
     got_mixed = mixed(sims[:, : b * g + other], sims[:, b * g + other:], targets, mask, mask_all=mask_all)
     assert torch.isclose(got_mixed, got)
+
+
+# ------------------------------------------------------------------------------ paced
+
+
+def test_paced_loss_is_bce_on_stage_1_groups_and_softmax_on_the_others():
+    """Per mix: the stage-1 rows take the graded BCE on their own items, the full-mix rows the in-batch softmax
+    (which still sees the stage-1 rows' items as negatives), each weighted by its share of the rows; all rows of
+    one mix give that mix's loss alone; listwise: the in-batch softmax on every row."""
+    torch.manual_seed(0)
+    b, g = 4, 3
+    sims = torch.randn(b, b * g, dtype=D).tanh()
+    targets = t([[1.0, 0.2, 0.0], [0.8, 0.0, 0.0], [1.0, 0.2, 0.0], [0.8, 0.2, 0.0]])
+    lt = targets.clone()
+    mask = torch.ones(b, g, dtype=torch.bool)
+    mask[3, 2] = False
+    first = torch.tensor([True, False, True, False])
+    loss = PacedLoss(scale=20.0)
+    own = sims.reshape(b, b, g)[torch.arange(b), torch.arange(b)]
+    bce = GradedBCELoss()(own, targets, mask & first.unsqueeze(1))
+    assert torch.isclose(GradedBCELoss()(own[first], targets[first], mask[first]), bce)
+    mnr = ListwiseMNRLoss(scale=20.0)(sims, torch.where(first.unsqueeze(1), 0.0, lt), mask)
+    # by hand, row 1's softmax: every valid column of the batch (rows 0 and 2's items included)
+    valid = mask.reshape(-1)
+    logp = torch.log_softmax(20.0 * sims[1, valid], 0)
+    cols = torch.arange(b * g)[valid]
+    row1 = -sum(lt[1, j] / lt[1].sum() * logp[(cols == 1 * g + j).nonzero()[0, 0]] for j in range(g))
+    logp3 = torch.log_softmax(20.0 * sims[3, valid], 0)
+    row3 = -sum(lt[3, j] / lt[3].sum() * logp3[(cols == 3 * g + j).nonzero()[0, 0]] for j in range(2))
+    assert torch.isclose(mnr, (row1 + row3) / 2)
+    assert torch.isclose(loss(sims, targets, lt, mask, first), 0.5 * bce + 0.5 * mnr)
+    every = torch.ones(b, dtype=torch.bool)
+    assert torch.isclose(loss(sims, targets, lt, mask, every), GradedBCELoss()(own, targets, mask))
+    assert torch.isclose(loss(sims, targets, lt, mask, ~every), ListwiseMNRLoss(scale=20.0)(sims, lt, mask))
+    assert torch.isclose(PacedLoss(scale=20.0, listwise=True)(sims, targets, lt, mask, first),
+                         ListwiseMNRLoss(scale=20.0)(sims, lt, mask))
+    # the BCE's learnable temperature trains with the rest
+    assert {n for n, _ in loss.named_parameters()} == {"bce.log_scale", "bce.bias"}
+    with pytest.raises(ValueError, match="first must be"):
+        loss(sims, targets, lt, mask, first[:2])

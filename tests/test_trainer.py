@@ -130,6 +130,59 @@ def _four_query_data(neg_target: float = 0.0, neg_grades=(0.0, 0.0, 0.0, 0.0)):
         val=ValPool(np.array([0, 0, 1, 1]), np.array([0, 4, 1, 5]), np.array([4, 0, 4, 0])), examples_run_id="t")
 
 
+def _five_tier_data(n: int = 6):
+    """``n`` train queries, each with one item in every tier 1-5 (item ``5 * q + tier - 1``), graded 4, 3, 1, 0, 0."""
+    from assay.trainer.data import TrainData, ValPool
+
+    tiers = np.tile(np.arange(1, 6, dtype=np.int8), n)
+    return TrainData(
+        query_ids=[str(i) for i in range(n)], query_texts=[f"query {i}" for i in range(n)],
+        item_ids=[str(i) for i in range(5 * n)], item_texts=[f"item {i}" for i in range(5 * n)],
+        ex_query=np.repeat(np.arange(n), 5), ex_item=np.arange(5 * n), ex_tier=tiers,
+        ex_target=np.tile(np.array([1.0, 0.8, 0.2, 0.0, 0.0], np.float32), n), ex_weight=np.ones(5 * n, np.float32),
+        ex_grade=np.tile(np.array([4.0, 3.0, 1.0, 0.0, 0.0]), n), ex_split=np.array(["train"] * (5 * n), dtype=object),
+        random_pool=np.arange(5 * n), val=ValPool(np.array([0, 0]), np.array([0, 4]), np.array([4, 0])),
+        examples_run_id="t")
+
+
+def test_pacing_function_moves_tier_weights_from_stage_1_to_the_full_mix():
+    """The paced schedule's batches: all groups from stage 1's mix (tier 1 against tier 5) at step 0, the full mix
+    (tiers 1-2 against 3-5) growing linearly (or by its square root) until pace_share x steps, then only the full
+    mix; every group is drawn from the tiers its flag says, and a batch is a pure function of its step."""
+    from assay.trainer.data import GroupSpec, PacedSampler, pace_share
+    from assay.trainer.run import paced_mixes
+
+    first, full = paced_mixes(TrainConfig())
+    assert (first, full) == (GroupSpec((1,), (5,)), GroupSpec((1, 2), (3, 4, 5)))
+    assert [pace_share(s, 10, 0.5, "linear") for s in (0, 2, 5, 9)] == pytest.approx([0.0, 0.4, 1.0, 1.0])
+    assert [pace_share(s, 10, 0.5, "root") for s in (0, 2, 5, 9)] == pytest.approx([0.0, 0.4 ** 0.5, 1.0, 1.0])
+    assert pace_share(5, 10, 1.0, "linear") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="linear or root"):
+        pace_share(1, 10, 0.5, "cubic")
+    td = _five_tier_data()
+    sp = PacedSampler(td, first, full, steps=10, share=0.5, kind="linear", batch_queries=10, group_size=3, seed=0,
+                      stage=1)
+    w0, w2, w9 = sp.tier_weights(0), sp.tier_weights(2), sp.tier_weights(9)
+    assert w0 == {"pos": {1: 1.0, 2: 0.0}, "neg": {5: 1.0, 3: 0.0, 4: 0.0}}
+    assert w2["pos"] == pytest.approx({1: 0.6 + 0.4 / 2, 2: 0.4 / 2})
+    assert w2["neg"] == pytest.approx({5: 0.6 + 0.4 / 3, 3: 0.4 / 3, 4: 0.4 / 3})
+    assert w9["pos"] == pytest.approx({1: 0.5, 2: 0.5}) and w9["neg"] == pytest.approx({5: 1 / 3, 3: 1 / 3, 4: 1 / 3})
+    root = PacedSampler(td, first, full, steps=10, share=0.5, kind="root", batch_queries=10, group_size=3, seed=0,
+                        stage=1)
+    assert [root.n_full(s) for s in (0, 1, 2, 4, 5)] == [0, 4, 6, 9, 10]
+    tier_of = dict(zip(td.ex_item.tolist(), td.ex_tier.tolist()))
+    for step in (0, 2, 4, 9):
+        b = sp.batch(step)
+        assert int((~b.first).sum()) == sp.n_full(step)
+        for is_first, row in zip(b.first, b.item_idx):
+            spec = first if is_first else full
+            assert tier_of[int(row[0])] in spec.pos_tiers and all(tier_of[int(i)] in spec.neg_tiers for i in row[1:] if i >= 0)
+        again = sp.batch(step)
+        assert np.array_equal(again.item_idx, b.item_idx) and np.array_equal(again.first, b.first)
+    # rank 1 of 2 takes groups 1, 3, ... of the same global batch, with their flags
+    assert np.array_equal(sp.batch(2, 1, 2).first, sp.batch(2).first[1::2])
+
+
 def test_listwise_losses_give_no_mass_to_grade_0_items():
     """A grade-0 hard negative whose target the mining prior lifted above 0 would, in an in-batch softmax, be
     trained to rank above every in-batch item; with listwise_min_grade 1 its target mass is 0, a grade-1 item
@@ -435,6 +488,87 @@ def test_kill_9_resumes_to_the_same_model(curriculum_master, tmp_path):
     assert s["phases"]["stage1"]["resumed_from"] >= 4
     # the same losses and validation at every evaluation, the same kept step and the same weights
     assert _phase_result(ws, "stage1") == _phase_result(ref, "stage1")
+
+
+def test_paced_run_resumes_after_kill_9_to_identical_weights(curriculum_master, tmp_path):
+    """`train.schedule: paced` is one phase of the stages' summed steps (12), validated every 2 steps, recorded as the
+    curriculum's checkpoint; killed with SIGKILL after a resumable state, it resumes to the same weights."""
+    from conftest import copy_ws
+
+    ref, ws = copy_ws(curriculum_master, tmp_path / "ref"), copy_ws(curriculum_master, tmp_path / "killed")
+    paced = ["--set", "train.schedule=paced", "--set", "train.pace=root", "--set", "train.pace_share=0.5"]
+    p = _train_cli(ref, *paced)
+    out, errs = p.communicate(timeout=600)
+    assert p.returncode == 0, errs[-2000:]
+    s = json.loads(out)
+    ph = s["phases"]["paced"]
+    assert list(s["phases"]) == ["paced"] and ph["steps"] == 12 and len(ph["history"]) == 6
+    assert ph["loss"] == "paced (root, per_mix)" and ph["pace"]["first"] == [[1], [5]]
+    assert ph["pace"]["full"] == [[1, 2], [3, 4, 5]]  # every stage's positive tiers against its negative ones
+    assert "paced curriculum" in [r["model"] for r in s["ablation"]]
+    assert s["final_checkpoint"] == (ph.get("checkpoint") or "")
+    with Store.open(ref, read_only=True) as store:
+        rows = store.query("SELECT checkpoint_id, name FROM checkpoints").to_pylist()
+    assert [(r["checkpoint_id"].split("/")[1], r["name"]) for r in rows] == ([("paced", "curriculum")] if ph["improved"]
+                                                                             else [])
+    p = _train_cli(ws, *paced)
+    deadline = time.monotonic() + 600
+    latest = None
+    while time.monotonic() < deadline and p.poll() is None:
+        found = list((ws / "artifacts" / "train").glob("*/paced/state/latest.json"))
+        if found and json.loads(found[0].read_text())["step"] >= 4:
+            latest = found[0]
+            break
+        time.sleep(0.2)
+    assert latest is not None, "the run never wrote a resumable state"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (latest.parent.parent / "done.json").exists()
+    p = _train_cli(ws, *paced)
+    out2, errs2 = p.communicate(timeout=600)
+    assert p.returncode == 0, errs2[-2000:]
+    assert json.loads(out2)["phases"]["paced"]["resumed_from"] >= 4
+    assert _phase_result(ws, "paced") == _phase_result(ref, "paced")
+    # the best step's weights themselves, not only their sha: identical tensors
+    a = torch.load(next((ref / "artifacts" / "train").iterdir()) / "paced" / "best-state.pt", weights_only=True) \
+        if ph["improved"] else {}
+    if a:
+        b = torch.load(next((ws / "artifacts" / "train").iterdir()) / "paced" / "best-state.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines(curriculum_ws):
+    """`--baseline mixed-bce` trains every tier at once under the pointwise BCE with graded targets, on the same
+    step budget; `serve.checkpoint: best` (the default) serves the highest validation score among the curriculum
+    and every baseline of the training folder, and evaluate names it."""
+    from assay.config import AssayConfig, ServeConfig
+    from assay.eval.run import default_systems, served_system
+    from assay.serving.index import checkpoint_id, resolve_checkpoint
+    from assay.trainer import run as run_train
+
+    assert ServeConfig().checkpoint == "best"
+    cfg = tiny_cfg(schedule="paced")
+    with Store.open(curriculum_ws) as store:
+        out = {b: run_train(cfg, store, TORCH, baseline=b, progress=False) for b in ("mixed-bce", "binary")}
+        cur = run_train(cfg, store, TORCH, progress=False)
+        p = out["mixed-bce"]["phases"]["baseline-mixed-bce"]
+        assert p["loss"] == "bce" and p["steps"] == 12 and p["inbatch_columns"] == 4 * 3
+        assert len({s["key"] for s in (*out.values(), cur)}) == 1  # one training folder
+        phases = [*(o["phases"][f"baseline-{b}"] for b, o in out.items()), cur["phases"]["paced"]]
+        kept = [q for q in phases if q["improved"]]
+        assert kept, "no phase improved validation on the tiny workspace"
+        want = max(reversed(kept), key=lambda q: q["best_val"])  # a tie: the newest (trained last) is served
+        assert resolve_checkpoint(store, "best") == want["checkpoint"]
+        # whichever validates highest is served: raise each in turn
+        for q in kept:
+            store.exec("UPDATE checkpoints SET val_ndcg10 = CASE WHEN path = ? THEN 0.999 ELSE 0.5 END",
+                       [q["checkpoint"]])
+            assert resolve_checkpoint(store, "best") == q["checkpoint"]
+            got = served_system(AssayConfig(), store, default_systems(store))
+            assert Path(got["path"]) == Path(q["checkpoint"]) and got["serve.checkpoint"] == "best"
+            assert got["system"] == ("curriculum" if q["name"] == "paced" else q["name"])
+            assert checkpoint_id(store, q["checkpoint"]).endswith("/" + q["name"])
+    assert "baseline mixed-bce" in [r["model"] for r in cur["ablation"]]
 
 
 def test_torchrun_two_processes_gather_in_batch_negatives(curriculum_ws):

@@ -71,6 +71,16 @@ def best_validated_checkpoint(store: Store) -> tuple[str, str, float]:
     return row[0][0], row[0][1], float(row[0][2])
 
 
+def checkpoint_id(store: Store, path: str) -> str | None:
+    """The ``checkpoints`` id (``<training folder>/<phase>``, e.g. ``.../paced`` or ``.../baseline-binary``) of a
+    checkpoint folder, or None for a folder that table does not know."""
+    target = str(Path(path).resolve())
+    for ckpt, p in store.exec("SELECT checkpoint_id, path FROM checkpoints ORDER BY created_at DESC"):
+        if str(Path(p).resolve()) == target:
+            return ckpt
+    return None
+
+
 def resolve_checkpoint(store: Store, requested: str | None) -> str:
     """The checkpoint folder that ``--checkpoint`` / ``serve.checkpoint`` names: a path, ``best``, or None (the
     newest kept curriculum checkpoint)."""
@@ -281,6 +291,7 @@ def export(cfg: AssayConfig, store: Store, *, checkpoint: str | None = None, pro
         (tmp / "ids.json").write_text(json.dumps(catalog.item_ids.tolist()))
         manifest = {
             "format": "assay-index/1", "index_id": index_id, "checkpoint_path": str(Path(path).resolve()),
+            "checkpoint_id": checkpoint_id(store, path), "checkpoint_requested": checkpoint or sc.checkpoint,
             "checkpoint_sha": model.sha, "text_template": TEXT_TEMPLATE_VERSION, "dim": int(vecs.shape[1]),
             "heads": model.heads, "beta": model.beta, "backend": guard["backend"], "guard": guard,
             "metric": "inner_product", "kind": kind, "factory": factory,

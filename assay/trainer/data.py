@@ -39,6 +39,7 @@ class Batch(NamedTuple):
     targets: np.ndarray    # (B, G) float32
     mask: np.ndarray       # (B, G) bool
     grades: np.ndarray | None = None  # (B, G) float32 label grade, NaN = none (padding, click positives)
+    first: np.ndarray | None = None   # (B,) bool: the group comes from the first stage's mix (paced schedule)
 
     def listwise_targets(self, min_grade: int, gain: str = "linear") -> np.ndarray:
         """Targets for the in-batch softmax losses: an item graded below ``min_grade`` gets none of the soft-target
@@ -254,6 +255,12 @@ class GroupSampler:
         specs = [self.spec] * (self.B - n_replay) + [self.replay_specs[i] for i in
                                                      rng.integers(0, len(self.replay_specs), n_replay)] \
             if n_replay else [self.spec] * self.B
+        return self._groups(rng, specs, rank, world)
+
+    def _groups(self, rng: np.random.Generator, specs: list[GroupSpec], rank: int, world: int,
+                first: np.ndarray | None = None) -> Batch:
+        """One group per entry of ``specs`` (a query with examples in both of its tiers, one positive drawn by
+        target x weight, G - 1 negatives); rank ``rank`` of ``world`` keeps groups rank, rank + world, ..."""
         qs = np.full(self.B, -1, dtype=np.int64)
         items = np.full((self.B, self.G), -1, dtype=np.int64)
         targets = np.zeros((self.B, self.G), dtype=np.float32)
@@ -284,12 +291,63 @@ class GroupSampler:
             targets[b, :len(ex)] = t
             grades[b, :len(ex)] = d.ex_grade[ex]
         sel = slice(rank, None, world)
-        return Batch(qs[sel], items[sel], targets[sel], items[sel] >= 0, grades[sel])
+        return Batch(qs[sel], items[sel], targets[sel], items[sel] >= 0, grades[sel],
+                     None if first is None else first[sel])
 
     def random_items(self, step: int, n: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.stage, step, 1])
         pool = self.data.random_pool
         return pool[rng.choice(len(pool), min(n, len(pool)), replace=False)] if n and len(pool) else np.zeros(0, np.int64)
+
+
+def pace_share(step: int, steps: int, share: float, kind: str) -> float:
+    """The paced schedule's pacing function: the full mix's share of the groups of batch ``step`` (0-based) of a
+    run of ``steps``. It grows from 0 at step 0 to 1 at ``share x steps`` and stays 1: with f = step /
+    (share x steps) capped at 1, it is f (``linear``) or sqrt(f) (``root``, which reaches the full mix's tiers
+    sooner, the competence function of Platanios et al. 2019)."""
+    if kind not in ("linear", "root"):
+        raise ValueError(f"pacing function {kind!r}: linear or root")
+    f = min(1.0, step / max(share * steps, 1e-9))
+    return f if kind == "linear" else float(np.sqrt(f))
+
+
+class PacedSampler(GroupSampler):
+    """Batches of the paced schedule: ``round(B x pace_share(step))`` groups from ``full`` (every tier: the stages'
+    positive tiers against their negative tiers) and the rest from ``first`` (the first stage's mix), each group
+    marked in :attr:`Batch.first`. A pure function of (seed, stage, step), like every sampler here."""
+
+    def __init__(self, data: TrainData, first: GroupSpec, full: GroupSpec, *, steps: int, share: float, kind: str,
+                 batch_queries: int, group_size: int, seed: int, stage: int):
+        super().__init__(data, full, replay_specs=[first], batch_queries=batch_queries, group_size=group_size,
+                         seed=seed, stage=stage)
+        self.first, self.full = first, full
+        self.steps, self.share, self.kind = steps, share, kind
+        if not len(self.index[first][0]):
+            raise ValueError(f"no train query has examples in tiers {list(first.pos_tiers)} and "
+                             f"{list(first.neg_tiers)} (the first stage's mix); check `assay curriculum`'s counts")
+        pace_share(0, steps, share, kind)  # an unknown pacing function fails here, before any step
+
+    def n_full(self, step: int) -> int:
+        """Groups of batch ``step`` drawn from the full mix."""
+        return int(round(self.B * pace_share(step, self.steps, self.share, self.kind)))
+
+    def tier_weights(self, step: int) -> dict[str, dict[int, float]]:
+        """Expected share of batch ``step``'s groups whose positive / negatives come from each tier (a mix's share
+        spread evenly over its tiers): ``{"pos": {tier: share}, "neg": {tier: share}}``."""
+        n = self.n_full(step) / self.B
+        out: dict[str, dict[int, float]] = {"pos": {}, "neg": {}}
+        for side in ("pos", "neg"):
+            for spec, w in ((self.first, 1.0 - n), (self.full, n)):
+                tiers = spec.pos_tiers if side == "pos" else spec.neg_tiers
+                for t in tiers:
+                    out[side][t] = out[side].get(t, 0.0) + w / len(tiers)
+        return out
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
+        rng = np.random.default_rng([self.seed, self.stage, step])
+        n = self.n_full(step)
+        first = np.r_[np.ones(self.B - n, bool), np.zeros(n, bool)]
+        return self._groups(rng, [self.first if f else self.full for f in first], rank, world, first)
 
 
 class ClickSampler(GroupSampler):

@@ -92,7 +92,7 @@ def rank_device(device: str) -> str:
 class PhaseSpec:
     name: str                 # e.g. "stage1", "baseline-click"
     stage: int                # seeds the batches (0 for baselines)
-    loss: str                 # bce | mnr | triplet | mixed
+    loss: str                 # bce | mnr | triplet | mixed | paced
     steps: int
     learning_rate: float
     sampler: object           # GroupSampler / ClickSampler
@@ -271,7 +271,7 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
     items = torch.zeros(B * G, enc.shape[1], dtype=enc.dtype, device=dev)
     items[torch.as_tensor(np.flatnonzero(valid), device=dev)] = enc[torch.as_tensor(inv, device=dev)]
     mask = torch.as_tensor(batch.mask, device=dev)
-    listwise = loss_name in ("mnr", "mixed")
+    listwise = loss_name in ("mnr", "mixed", "paced")
     targets = torch.as_tensor(batch.listwise_targets(listwise_min_grade, listwise_gain) if listwise else batch.targets,
                               device=dev)
     ids_all = flat
@@ -293,6 +293,10 @@ def forward_loss(model: TwoTower, loss_fn, loss_name: str, data: TrainData, batc
     # false in-batch negatives: the same item id appearing in another query's group
     same = torch.as_tensor((ids_all[None, :] == batch.item_idx[:, :, None]).any(1) & (ids_all[None, :] >= 0),
                            device=dev)
+    if loss_name == "paced":  # graded targets for the first stage's groups, listwise targets for the others
+        first = torch.as_tensor(batch.first if batch.first is not None else np.zeros(B, bool), device=dev)
+        return loss_fn(sims_all, torch.as_tensor(batch.targets, device=dev), targets, mask, first,
+                       mask_all=mask_all, same_item=same), int(sims_all.shape[1])
     if loss_name == "mixed":
         r = encode_by_length(model.encode_items, [data.item_texts[i] for i in rand_items], item_chunk) \
             if len(rand_items) else items[:0]
@@ -440,7 +444,9 @@ def freeze_lower(model: TwoTower, word_embeddings: bool, layers: int) -> None:
 
 def _make_loss(name: str, cfg):
     kw = {"bce": {"scale_init": cfg.bce_scale_init}, "mnr": {"scale": cfg.scale},
-          "triplet": {"margin": cfg.triplet_margin}, "mixed": {"alpha": cfg.mix_alpha, "scale": cfg.scale}}[name]
+          "triplet": {"margin": cfg.triplet_margin}, "mixed": {"alpha": cfg.mix_alpha, "scale": cfg.scale},
+          "paced": {"scale": cfg.scale, "scale_init": cfg.bce_scale_init,
+                    "listwise": getattr(cfg, "pace_loss", "per_mix") == "listwise"}}[name]
     return get_loss(name, **kw)
 
 

@@ -39,6 +39,8 @@ Losses and curriculum stages (docs/architecture.md "Five tiers, three stages")
   The single-stage "graded listwise" baseline uses these too.
 - Stage 3, token_sim_neg anchored on positives: :class:`GradedTripletLoss`, margin 0.3 scaled by
   the target gap.
+- The paced curriculum (one run whose batches move from stage 1's mix to every tier): :class:`PacedLoss`, BCE on
+  the stage-1 groups and the in-batch softmax on the others, or the in-batch softmax on all of them.
 
 ``LOSSES`` maps short names to classes and :func:`get_loss` builds one by name.
 """
@@ -56,6 +58,7 @@ __all__ = [
     "GradedBCELoss",
     "ListwiseMNRLoss",
     "GradedTripletLoss",
+    "PacedLoss",
     "MixedNegativesLoss",
     "LOSSES",
     "get_loss",
@@ -450,11 +453,72 @@ class MixedNegativesLoss(nn.Module):
         return {"alpha": self.alpha, "scale": self.scale, "min_target": self.min_target}
 
 
+class PacedLoss(nn.Module):
+    r"""The paced curriculum's loss (``train.schedule: paced``): one batch holds groups of the first stage's mix
+    (``first`` rows: easy positives against random negatives) and groups of the full mix (the other rows: tiers
+    1-2 against tiers 3-5). With ``listwise=False`` each group gets the loss its mix calls for, weighted by its
+    share of the batch's groups:
+
+    .. math::
+
+        \ell = \frac{n_1}{B} \, \text{BCE}(\text{first rows}) + \frac{B - n_1}{B} \, \text{MNR}(\text{other rows})
+
+    where the MNR softmax of a full-mix row still sees every item of the batch (the first rows' items included) as
+    in-batch negatives. With ``listwise=True`` every row takes the in-batch softmax over its graded targets
+    (one loss for the whole run). The BCE's learnable temperature and bias are parameters of this module.
+
+    >>> loss = PacedLoss(scale=1.0)
+    >>> sims = torch.tensor([[0.9, 0.1], [0.2, 0.7]])
+    >>> t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> m = torch.ones(2, 2, dtype=torch.bool)
+    >>> every = loss(torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 0.2, 0.7]]), t, t, m, torch.tensor([True, True]))
+    >>> bool(torch.isclose(every, loss.bce(sims, t, m)))
+    True
+    """
+
+    def __init__(self, scale: float = 20.0, scale_init: float = 20.0, listwise: bool = False) -> None:
+        super().__init__()
+        self.bce = GradedBCELoss(scale_init=scale_init)
+        self.mnr = ListwiseMNRLoss(scale=scale)
+        self.listwise = bool(listwise)
+
+    def forward(
+        self,
+        sims_all: torch.Tensor,
+        targets: torch.Tensor,
+        list_targets: torch.Tensor,
+        mask: torch.Tensor,
+        first: torch.Tensor,
+        mask_all: torch.Tensor | None = None,
+        same_item: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``targets``: the graded targets (BCE); ``list_targets``: the in-batch softmax's targets (after
+        ``listwise_min_grade``); ``first``: ``(B,)`` bool, the rows drawn from the first stage's mix."""
+        b, g = targets.shape
+        if first.shape != (b,) or first.dtype != torch.bool:
+            raise ValueError(f"first must be a ({b},) bool tensor, got {tuple(first.shape)} {first.dtype}")
+        if self.listwise:
+            return self.mnr(sims_all, list_targets, mask, mask_all=mask_all, same_item=same_item)
+        own = sims_all[:, : b * g].reshape(b, b, g)[torch.arange(b), torch.arange(b)]
+        n1 = int(first.sum())
+        parts = []
+        if n1:
+            parts.append(self.bce(own, targets, mask & first.unsqueeze(1)) * (n1 / b))
+        if n1 < b:  # the first rows keep their items as in-batch columns but take no softmax loss
+            t = torch.where(first.unsqueeze(1), torch.zeros_like(list_targets), list_targets)
+            parts.append(self.mnr(sims_all, t, mask, mask_all=mask_all, same_item=same_item) * ((b - n1) / b))
+        return sum(parts[1:], parts[0])
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"scale": self.mnr.scale, "scale_init": self.bce.scale_init, "listwise": self.listwise}
+
+
 LOSSES: dict[str, type[nn.Module]] = {
     "bce": GradedBCELoss,
     "mnr": ListwiseMNRLoss,
     "triplet": GradedTripletLoss,
     "mixed": MixedNegativesLoss,
+    "paced": PacedLoss,
 }
 
 

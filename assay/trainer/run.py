@@ -10,9 +10,13 @@ Phases:
   before stage 1); its best step by validation NDCG@10 is kept only if it beats that starting point by
   ``min_improvement``; otherwise the stage is skipped and reported, and the next stage starts from the same
   weights;
+- ``paced`` (``train.schedule: paced``, instead of the stages): one phase of the stages' summed steps whose
+  batches move from the first stage's mix to every tier (``train.pace``, ``pace_share``); its best step by
+  validation is kept if it beats the base encoder by ``min_improvement``;
 - ``baseline-click`` (engaged items as positives, in-batch negatives), ``baseline-binary`` (every tier mixed,
-  grade >= 3 positive, in-batch softmax) and ``baseline-graded`` (every tier mixed, graded listwise targets), each
-  from the base encoder with ``baseline_steps`` (default: the stages' steps summed, the same budget).
+  grade >= 3 positive, in-batch softmax), ``baseline-graded`` (every tier mixed, graded listwise targets) and
+  ``baseline-mixed-bce`` (every tier mixed, the first stage's pointwise BCE on graded targets), each from the base
+  encoder with ``baseline_steps`` (default: the stages' steps summed, the same budget).
 
 Validation reads the cascade's labels (human grades where present) on the validation queries, never the
 simulator's truth. A phase already finished is not trained again (its ``done.json`` is reused), so a killed
@@ -33,13 +37,15 @@ from assay.reporting import img, table_html, write_report
 from assay.store import Store, utcnow
 from assay.text import digest
 from assay.trainer import data as data_mod
-from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec
+from assay.trainer.data import ClickSampler, GroupSampler, GroupSpec, PacedSampler
 from assay.trainer.loop import VAL_METRICS, Dist, PhaseSpec, as_list, metric_means, train_phase, validate_all
 from assay.trainer.model import TwoTower
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("click", "binary", "graded")
+BASELINES = ("click", "binary", "graded", "mixed-bce")
+PACED = "paced"
+_PACE_KEYS = ("pace", "pace_share", "pace_loss", "pace_learning_rate")
 ALL_TIERS = (1, 2, 3, 4, 5)
 
 
@@ -59,6 +65,9 @@ def run_key(cfg: TrainConfig, models_cfg: ModelsConfig, examples_run: str, spell
         relevant.pop("val_catalog_random")
     if cfg.listwise_gain == "linear":  # likewise for the default soft-target shares
         relevant.pop("listwise_gain")
+    if cfg.schedule == "stages":  # likewise for the staged schedule (the pacing settings do not apply)
+        for k in ("schedule", *_PACE_KEYS):
+            relevant.pop(k)
     parts = [json.dumps(relevant, sort_keys=True), examples_run, models.model_sha(models.resolve(base))]
     if spell is not None and spell.enabled:  # the query text the model learns from
         parts.append(json.dumps(spell.model_dump(mode="json"), sort_keys=True))
@@ -96,6 +105,9 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
     check_bf16(cfg.precision, models_cfg.device, "train.precision")
     if baseline is not None and baseline not in BASELINES:
         raise KeyError(f"Unknown baseline {baseline!r}. Available: {list(BASELINES)}")
+    if stage is not None and cfg.schedule == PACED and baseline is None:
+        raise ValueError("--stage picks one stage of train.schedule stages; the paced schedule is one run "
+                         "(train it with `assay train`)")
     if stage is not None and not 1 <= stage <= len(cfg.stages):
         raise ValueError(f"--stage must be 1-{len(cfg.stages)} (train.stages has {len(cfg.stages)} stages)")
     if data is None:
@@ -188,6 +200,8 @@ def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, bas
                       dist: Dist, progress: bool, stop_after_steps: int | None) -> list[dict]:
     """``base``: the base encoder's validation NDCG@10 and per-query values; each stage's gain is measured
     against the model it started from."""
+    if cfg.schedule == PACED:
+        return [_train_paced(cfg, model, data, folder, base, dist, progress, stop_after_steps)]
     specs = [GroupSpec(tuple(s.pos_tiers), tuple(s.neg_tiers)) for s in cfg.stages]
     last = only or len(cfg.stages)
     if only is not None:
@@ -215,6 +229,38 @@ def _train_curriculum(cfg: TrainConfig, model: TwoTower, data, folder: Path, bas
     return out
 
 
+def paced_mixes(cfg: TrainConfig) -> tuple[GroupSpec, GroupSpec]:
+    """The paced schedule's two mixes: the first stage's tiers, and the full mix (every stage's positive tiers
+    against every negative tier that is not also a positive one; with the default stages tiers 1-2 against 3-5)."""
+    first = GroupSpec(tuple(cfg.stages[0].pos_tiers), tuple(cfg.stages[0].neg_tiers))
+    pos = sorted({t for s in cfg.stages for t in s.pos_tiers})
+    neg = sorted({t for s in cfg.stages for t in s.neg_tiers} - set(pos))
+    return first, GroupSpec(tuple(pos), tuple(neg))
+
+
+def _train_paced(cfg: TrainConfig, model: TwoTower, data, folder: Path, base: tuple, dist: Dist, progress: bool,
+                 stop_after_steps: int | None) -> dict:
+    """``train.schedule: paced``: one phase of the stages' summed steps, one optimizer and learning-rate schedule,
+    batches paced from the first stage's mix to the full mix (:class:`PacedSampler`), the best validated step kept
+    when it beats the base encoder by ``min_improvement`` (as a stage would be)."""
+    best, best_pq = base
+    first, full = paced_mixes(cfg)
+    steps = sum(s.steps for s in cfg.stages)
+    sampler = PacedSampler(data, first, full, steps=steps, share=cfg.pace_share, kind=cfg.pace,
+                           batch_queries=cfg.batch_queries, group_size=cfg.group_size, seed=cfg.seed, stage=1)
+    lr = cfg.pace_learning_rate or cfg.stages[0].learning_rate
+    spec = PhaseSpec(PACED, 1, "paced", steps, lr, sampler)
+    res = train_phase(model, data, spec, folder / PACED, cfg=cfg, start_val=best, dist=dist, progress=progress,
+                      stop_after_steps=stop_after_steps, start_per_query=best_pq)
+    if not res.improved:
+        log.warning("the paced curriculum did not improve validation NDCG@10 over the base encoder's %.4f (its best "
+                    "step minus that: %s): nothing kept", best, gain_text(res.gain) or "not measured")
+    out = _phase_out(res, folder, model, dist, 1, "curriculum", f"paced ({cfg.pace}, {cfg.pace_loss})", sampler)
+    out["pace"] = {"kind": cfg.pace, "share": cfg.pace_share, "loss": cfg.pace_loss, "first": [list(first.pos_tiers), list(first.neg_tiers)],
+                   "full": [list(full.pos_tiers), list(full.neg_tiers)]}
+    return out
+
+
 def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder: Path, base: tuple, dist: Dist,
                     progress: bool, stop_after_steps: int | None) -> dict:
     """``base``: the base encoder's validation NDCG@10 and per-query values (the baseline's gain is against it)."""
@@ -227,11 +273,14 @@ def _train_baseline(cfg: TrainConfig, which: str, model: TwoTower, data, folder:
         sampler = GroupSampler(data, spec, batch_queries=cfg.batch_queries, group_size=cfg.group_size,
                                seed=cfg.seed, stage=0)
     name = f"baseline-{which}"
-    spec = PhaseSpec(name, 0, "mnr", steps, cfg.baseline_learning_rate, sampler)
+    # mixed-bce: every tier at once under the first stage's pointwise BCE with graded targets (the design paper's
+    # "single-stage mixed training", as far as it describes it); the others: the in-batch softmax
+    loss = "bce" if which == "mixed-bce" else "mnr"
+    spec = PhaseSpec(name, 0, loss, steps, cfg.baseline_learning_rate, sampler)
     # a baseline keeps its best validated step whatever the base encoder scored (start_val -1)
     res = train_phase(model, data, spec, folder / name, cfg=cfg, start_val=-1.0, dist=dist, progress=progress,
                       stop_after_steps=stop_after_steps, start_per_query=base_pq)
-    out = _phase_out(res, folder, model, dist, 0, name, "mnr", sampler)
+    out = _phase_out(res, folder, model, dist, 0, name, loss, sampler)
     out["vs_base_encoder"] = round(res.best_val - base_val, 5)
     return out
 
@@ -247,7 +296,11 @@ def _record_checkpoint(store: Store, p: dict, run_id: str) -> None:
 
 
 def final_checkpoint(folder: Path, n_stages: int) -> Path | None:
-    """The curriculum's model: the best checkpoint of the last kept stage."""
+    """The curriculum's model: the paced run's best checkpoint (a folder of ``train.schedule: paced``), else the
+    best checkpoint of the last kept stage."""
+    done = folder / PACED / "done.json"
+    if done.exists():
+        return folder / PACED / "best" if json.loads(done.read_text())["improved"] else None
     for k in range(n_stages, 0, -1):
         done = folder / f"stage{k}" / "done.json"
         if done.exists() and json.loads(done.read_text())["improved"]:
@@ -282,6 +335,13 @@ def ablation(folder: Path, base_val: float, cfg: TrainConfig) -> dict:
                      "steps": steps, "kept": r["improved"], "stage_best": r["best_val"], "gain": r.get("gain"),
                      "val_metrics": cur})
         curves[f"stage{k}"] = r["history"]
+    done = folder / PACED / "done.json"
+    if done.exists():
+        r = json.loads(done.read_text())
+        rows.append({"model": "paced curriculum", "val_ndcg10": r["best_val"] if r["improved"] else round(base_val, 5),
+                     "steps": r["steps"], "kept": r["improved"], "stage_best": r["best_val"], "gain": r.get("gain"),
+                     "val_metrics": _metrics_at(r["history"], r["best_step"]) if r["improved"] else cur})
+        curves[PACED] = r["history"]
     for b in BASELINES:
         done = folder / f"baseline-{b}" / "done.json"
         if done.exists():
