@@ -148,6 +148,11 @@ class MiningConfig(Section):
     rrf_k: float = Field(60.0, gt=0, description="RRF constant")
     seed: int = 13
     keep_channel_hits: bool = Field(False, description="keep per-channel hits after federation (audit)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="ray: the catalog's item vectors missing from the embedding cache are encoded by a Ray "
+                             "Data actor pool (RAY_ADDRESS, else a local Ray) into the same cache, which the ANN "
+                             "channel, the features judge and export-index read (docs/scale.md); not in the run key")
+    ray_encoders: int = Field(1, ge=1, description="encoder actors (1 CPU each) when engine is ray")
     bm25: BM25Config = Field(default_factory=BM25Config)
     ann: AnnConfig = Field(default_factory=AnnConfig)
     click: ClickConfig = Field(default_factory=ClickConfig)

@@ -8,6 +8,8 @@ Checks, in order (each finding has a severity, a count, what it means and the fi
 - mining done on a catalog, query log or engagement log that has changed since (a re-ingest);
 - annotation left to do for the newest cascade: work pairs with no label, stale labels (the pair's texts changed
   after it was labeled), failed labels;
+- the Ray engine's shards (``work_shards``): planned, running, finished but not committed, committed or refused,
+  and the command that moves them on (`assay annotate --engine ray`);
 - orphan rows: rows of ``candidates``, ``negatives``, ``engagement``, ``human_labels``, ``labels``, ``label_votes``,
   ``examples`` and ``label_requests`` that name a query or item the workspace does not hold, votes without their
   label, examples whose pair has no label at all (``--fix`` deletes orphan rows, in one transaction);
@@ -215,8 +217,8 @@ def _shards(store: Store) -> list[Finding]:
                         "_SUCCESS are kept)",
              "finished": "`assay annotate --engine ray` commits them (nothing is recomputed)"}
     left = sum(counts[k] for k in moves)
-    detail = "Ray shards: " + ", ".join(f"{n:,} {k}" + (" (finished, not committed)" if k == "finished" else "")
-                                        for k, n in counts.items())
+    label = {"finished": "finished but not committed"}
+    detail = "Ray shards: " + ", ".join(f"{n:,} {label.get(k, k)}" for k, n in counts.items())
     if refused:
         detail += f"; {len(refused)} refused at commit: " + "; ".join(refused[:3])
     fix = "; ".join(f"{k}: {m}" for k, m in moves.items() if counts[k])

@@ -131,6 +131,14 @@ class _Lazy:
             from assay.encode import encode_cached
 
             t = time.perf_counter()
+            if self.cfg.engine == "ray":  # fill the cache on Ray; encode_cached below then reads it
+                from assay.config import RayConfig
+                from assay.scale.cluster import connect
+                from assay.scale.encode import warm_cache
+
+                connect(RayConfig())
+                self.stats["ray_encode"] = warm_cache(self.encoder(), self.model_name, self.catalog.texts,
+                                                      self.store.artifacts, concurrency=self.cfg.ray_encoders)
             self._item_vecs, st = encode_cached(self.encoder(), self.catalog.texts, self.store.artifacts,
                                                 progress=self.progress, desc="encode items")
             self.stats["item_embeddings"] = {**st, "seconds": round(time.perf_counter() - t, 2)}
@@ -220,7 +228,8 @@ def run(cfg: MiningConfig, store: Store, models_cfg: ModelsConfig | None = None,
                     ([models_cfg.backend] if models_cfg.backend != "torch" else [])) if "ann" in cfg.channels or \
         cfg.click.neighbours != "lexical" else "-"
     cfg_json = cfg.model_dump(mode="json")
-    run_key = digest([json.dumps({k: v for k, v in cfg_json.items() if k not in ("keep_channel_hits",)}, sort_keys=True),
+    not_in_key = ("keep_channel_hits", "engine", "ray_encoders")  # where vectors are computed changes no candidate
+    run_key = digest([json.dumps({k: v for k, v in cfg_json.items() if k not in not_in_key}, sort_keys=True),
                       enc_id, catalog.sha, queries.sha])
     n_batches = math.ceil(len(queries.query_ids) / cfg.batch_queries)
     timings: dict[str, float] = {}
