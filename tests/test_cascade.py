@@ -125,3 +125,29 @@ def test_fit_cascade_keeps_the_most_accurate_combination_when_the_target_is_out_
             d = route([a, b], ["a", "b"], th)
             accs.append((d.grade == y).mean())
     assert fit.accuracy >= max(accs) - 1e-9
+
+
+def test_fitted_cascade_keeps_the_best_judges_accuracy_on_held_out_pairs():
+    """The cascade is fitted on calibration pairs to stay within ``tolerance`` of its best judge; on held-out pairs
+    from the same judges (20,000, never seen by the fit) it must still be there, up to the sampling error of a
+    3,000-pair calibration set (two standard errors of its accuracy estimate). A cascade that lets the cheap judge
+    settle everything costs a tenth of the strong judge (so a check like ``0 < compute ratio < 2`` accepts it) but
+    is ten points less accurate, and fails this bound."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 3000)
+    cheap, strong = calibrated_judge(rng, y, 0.3, 1.0), calibrated_judge(rng, y, 0.6, 0.9)
+    tol = 0.01
+    target = max((cheap.argmax(1) == y).mean(), (strong.argmax(1) == y).mean())  # "None": the best judge on calib
+    fit = fit_cascade([cheap, strong], y, costs=[1.0, 10.0], target=target, tolerance=tol, min_support=5)
+    assert fit.met_target and fit.cost < 10.0
+    y2 = rng.integers(0, 5, 20000)
+    held = [calibrated_judge(rng, y2, 0.3, 1.0), calibrated_judge(rng, y2, 0.6, 0.9)]
+    best = max((p.argmax(1) == y2).mean() for p in held)
+    allowance = 2 * np.sqrt(target * (1 - target) / len(y))
+
+    def held_out_accuracy(thresholds):
+        return (route(held, ["cheap", "strong"], thresholds).grade == y2).mean()
+
+    assert held_out_accuracy(fit.thresholds) >= best - tol - allowance
+    cheap_only = [np.zeros(5), np.full(5, NEVER)]  # every pair settled by the cheap judge: cost 1 of 10
+    assert held_out_accuracy(cheap_only) < best - tol - allowance

