@@ -583,3 +583,28 @@ def test_cli_curriculum_without_mining_fails_naming_assay_mine(tiny_workspace):
     r = runner.invoke(app, ["curriculum", "-w", str(tiny_workspace), "-q", "--json"])
     assert r.exit_code != 0
     assert "assay mine" in " ".join(r.output.split())
+
+
+def test_labels_of_changed_texts_are_skipped_and_counted(labeled_workspace, tmp_path):
+    """A re-ingest that edits titles leaves those pairs' labels stale: the curriculum builds no example from them
+    (unless a person graded the pair) and says how many it skipped; `assay export` leaves them out and counts them."""
+    from assay.audit import export
+    from assay.config import ExportConfig
+
+    from conftest import reingest_titles
+
+    with Store.open(labeled_workspace) as s:
+        changed = [i for (i,) in s.exec("SELECT DISTINCT item_id FROM candidates ORDER BY hash(item_id) LIMIT 20")]
+        n_before = run_curriculum(CurriculumConfig(), s)["examples"]
+        exported_before = export.run(ExportConfig(), s, tmp_path / "before.parquet", progress=False)["rows"]
+        reingest_titles(s, changed, tmp_path / "update")
+        stale = s.scalar("SELECT count(*) FROM labels WHERE item_id IN (SELECT unnest(?::VARCHAR[]))", [changed])
+        assert stale > 20
+        summary = run_curriculum(CurriculumConfig(), s)
+        assert summary["stale_labels_skipped"] == stale
+        assert any(f"{stale:,} labels judged texts that have changed" in w for w in summary["warnings"])
+        assert s.scalar("""SELECT count(*) FROM examples WHERE grade_source = 'cascade'
+                           AND item_id IN (SELECT unnest(?::VARCHAR[]))""", [changed]) == 0
+        assert summary["examples"] < n_before
+        ex = export.run(ExportConfig(), s, tmp_path / "after.parquet", progress=False)
+        assert ex["stale_skipped"] == stale and ex["rows"] == exported_before - stale
