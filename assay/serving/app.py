@@ -12,6 +12,11 @@ Endpoints:
 - ``GET /`` -> a small page with one query box that shows those three columns (``GET /?q=...`` opens with that
   query's comparison, a link to share).
 
+Access: when the environment variable named by ``serve.api_token_env`` (``ASSAY_API_TOKEN``) holds a token, every
+endpoint except ``/health`` (the page, ``/docs`` and ``/openapi.json`` included) answers 401 unless the request
+carries ``Authorization: Bearer <token>``. Binding to an interface other than loopback prints a warning (and says
+whether a token is required). ``/manifest`` shows file paths relative to the workspace, not the server's layout.
+
 The app refuses to start when the index manifest does not match its checkpoint (assay.serving.index.Served). The
 workspace is opened read-only; the base encoder's catalog vectors come from the embedding cache when
 `assay evaluate` has filled it, else they are encoded once at the first comparison.
@@ -19,15 +24,23 @@ workspace is opened read-only; the base encoder's catalog vectors come from the 
 
 # no `from __future__ import annotations` here: FastAPI reads the request model from the real annotation
 
+import hmac
 import html
+import ipaddress
+import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
 from assay.config import AssayConfig
 from assay.serving.index import MODES, Served, item_vectors, search_index
 from assay.store import Store
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/health"})  # answered without the bearer token
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>assay search</title>
@@ -129,6 +142,23 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
             return v
 
     app = FastAPI(title="assay search", version=served.manifest.get("format", ""))
+    token = api_token(cfg)
+    public_manifest = relative_paths(served.manifest, store.root)
+
+    if token is not None:
+        from fastapi.responses import JSONResponse
+
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def _require_token(request, call_next):
+            if request.url.path not in OPEN_PATHS:
+                got = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(got, expected):
+                    return JSONResponse({"detail": "missing or wrong bearer token (Authorization: Bearer <token>, "
+                                                   f"the value of ${cfg.serve.api_token_env} on the server)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.get("/health")
     def health() -> dict:
@@ -137,7 +167,7 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
 
     @app.get("/manifest")
     def manifest() -> dict:
-        return served.manifest
+        return public_manifest
 
     @app.post("/search")
     def search(req: SearchRequest) -> dict:
@@ -182,6 +212,45 @@ def create_app(cfg: AssayConfig, store: Store, index_id: str | None = None):
     return app
 
 
+def api_token(cfg: AssayConfig) -> str | None:
+    """The bearer token the server requires: the value of ``$serve.api_token_env``, or None when unset/empty."""
+    value = os.environ.get(cfg.serve.api_token_env, "").strip() if cfg.serve.api_token_env else ""
+    return value or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: only its owner knows where it resolves
+        return False
+
+
+def exposure_warning(cfg: AssayConfig, host: str) -> str | None:
+    """The warning `assay serve` prints for a non-loopback ``host`` (None on loopback)."""
+    if is_loopback(host):
+        return None
+    if api_token(cfg) is None:
+        return (f"serving on {host}, reachable from other machines, and without a token: anyone who reaches it can "
+                f"search the catalog and read the manifest; set ${cfg.serve.api_token_env} to require "
+                "`Authorization: Bearer <token>` on every endpoint but /health")
+    return (f"serving on {host}, reachable from other machines; every endpoint but /health requires the bearer "
+            f"token in ${cfg.serve.api_token_env}")
+
+
+def relative_paths(obj, root: Path):
+    """A copy of ``obj`` (the manifest) with every absolute path written relative to the workspace ``root``."""
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_paths(v, root) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        return Path(os.path.relpath(obj, Path(root).resolve())).as_posix()
+    return obj
+
+
 def _hit(served: Served, item_id: str, score: float, source: str, grades: dict) -> dict:
     g = grades.get(item_id)
     return {"item_id": item_id, "title": served.title(item_id), "score": float(np.round(score, 6)), "source": source,
@@ -206,5 +275,8 @@ def serve(cfg: AssayConfig, store: Store, *, host: str = "127.0.0.1", port: int 
     """Run the app under uvicorn until interrupted (binds to loopback unless told otherwise)."""
     import uvicorn
 
+    warning = exposure_warning(cfg, host)
+    if warning:
+        log.warning(warning)
     app = create_app(cfg, store, index_id)
     uvicorn.run(app, host=host, port=port, log_level="warning")
