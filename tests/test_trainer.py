@@ -547,7 +547,7 @@ def test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines(cu
     from assay.trainer import run as run_train
 
     assert ServeConfig().checkpoint == "best"
-    cfg = tiny_cfg(schedule="paced")
+    cfg = tiny_cfg(schedule="paced", eval_every=4)  # 3 validations a phase (a baseline always keeps its best)
     with Store.open(curriculum_ws) as store:
         out = {b: run_train(cfg, store, TORCH, baseline=b, progress=False) for b in ("mixed-bce", "binary")}
         cur = run_train(cfg, store, TORCH, progress=False)
