@@ -75,8 +75,13 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(folder: Path, title: str, data: dict, sections: list[tuple[str, str]]) -> Path:
-    """sections: (heading, html body) pairs; images are referenced by file name in the folder."""
+    """sections: (heading, html body) pairs; images are referenced by file name in the folder. Both files go
+    through assay.store.redact / redact_text: a report never shows a credential (a judge's base_url, an error)."""
+    from assay.store import redact, redact_text
+
     folder.mkdir(parents=True, exist_ok=True)
+    data = redact(data)
+    sections = [(redact_text(h), redact_text(b)) for h, b in sections]
     (folder / "report.json").write_text(json.dumps(data, indent=1, default=str))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"

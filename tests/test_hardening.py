@@ -249,3 +249,14 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it_and_fp32_elsewhere(monkeypa
         assert y.dtype == (torch.bfloat16 if native else torch.float32)
     with loop._autocast("cpu", "fp32"):
         assert torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4)).dtype == torch.float32
+
+
+def test_reports_are_written_redacted(tmp_path):
+    from assay.reporting import write_report
+
+    url = f"http://user:{USERINFO}@h:8000/v1?api_key={API_KEY_PARAM}&token={TOKEN_PARAM}"
+    out = write_report(tmp_path / "rep", "agreement", {"judges": [{"name": "remote", "base_url": url}],
+                                                       "errors": [f"500: Authorization: Bearer {CLIENT_KEY}"]},
+                       [("failures", f"<p>{url} said bearer {UPSTREAM_BEARER}</p>")])
+    text = (tmp_path / "rep" / "report.json").read_text() + out.read_text()
+    assert "h:8000" in text and "remote" in text and not _leaks(text), text
