@@ -67,7 +67,12 @@ def connect(ray_cfg, address: str | None = None) -> dict:
     if ray.is_initialized():
         return {"address": target or "local", "resources": ray.cluster_resources()}
     if target:
-        ray.init(address=target, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        try:
+            ray.init(address=target, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        except (ConnectionError, TimeoutError, RuntimeError, OSError) as e:
+            raise RayUnavailable(f"could not join the Ray cluster at {target!r} ({type(e).__name__}: {e}); start it "
+                                 "(`ray start --head`), or fix annotate.ray.address / --address / RAY_ADDRESS; "
+                                 "nothing was written") from None
         log.info("joined Ray at %s", target)
     else:
         kw = {}
