@@ -378,7 +378,7 @@ def test_the_server_requires_its_bearer_token_and_shows_workspace_relative_paths
         status, res = _get(f"{base}/search", token, {"query": "velvet sofa", "k": 3})
         assert status == 200 and len(res["hits"]) == 3
         status, man = _get(f"{base}/manifest", token)
-        assert status == 200 and man["index_id"] == exported[2]["index_id"]
+        assert status == 200 and man["index_id"] == exported[3]["index_id"]  # the newest export: hnsw
         assert not os.path.isabs(man["checkpoint_path"]) and man["checkpoint_path"].endswith("/ckpt"), man
         text = json.dumps(man)
         assert str(tmp_path) not in text and str(exported[1]) not in text and str(ws) not in text
