@@ -121,25 +121,30 @@ def _annotate(cfg, store, progress):
         from assay.scale import run as scale_run
 
         out = scale_run.run(cfg.annotate, store, progress=progress)
-        while out["annotated"] and out["after"]["pending"] > out["after"]["failed"]:
+        launches = 1  # a Ray launch retries every failed pair: max_attempts launches in all while pairs fail
+        while out["annotated"] and (out["after"]["pending"] > out["after"]["failed"] or
+                                    (out["after"]["failed"] and launches < cfg.annotate.max_attempts)):
             out = scale_run.run(cfg.annotate, store, progress=progress)
-        return out
-    judges = prepare_judges(cfg.annotate, store)
-    tries: dict[tuple[str, str], int] = {}
-    exhausted: set[tuple[str, str]] = set()
-    while True:
-        out = batches.run(cfg.annotate, store, progress=progress, judges=judges, skip=exhausted)
-        for k in out.pop("failed_pairs"):
-            tries[k] = tries.get(k, 0) + 1
-            if tries[k] >= cfg.annotate.max_attempts:
-                exhausted.add(k)
-        if out["annotated"] == 0 or out["after"]["pending"] <= len(exhausted):
-            break
+            launches += 1
+    else:
+        judges = prepare_judges(cfg.annotate, store)
+        tries: dict[tuple[str, str], int] = {}
+        exhausted: set[tuple[str, str]] = set()
+        while True:
+            out = batches.run(cfg.annotate, store, progress=progress, judges=judges, skip=exhausted)
+            for k in out.pop("failed_pairs"):
+                tries[k] = tries.get(k, 0) + 1
+                if tries[k] >= cfg.annotate.max_attempts:
+                    exhausted.add(k)
+            if out["annotated"] == 0 or out["after"]["pending"] <= len(exhausted):
+                break
     failed = out["after"]["failed"]
     if failed:
+        from assay.annotate.pairs import failure_reasons
+
         why = "; ".join(f"{r['judge']} {r['status']}: {r['pairs']:,}" + (f" (e.g. {r['example']!r})"
                                                                           if r["example"] else "")
-                        for r in out["failure_reasons"][:4])
+                        for r in failure_reasons(store, out["cascade_sha"])[:4])
         raise AnnotationIncomplete(
             f"annotate: {failed:,} of {out['after']['work']:,} mined pairs failed after {cfg.annotate.max_attempts} "
             f"tries each and are left `failed` ({why}). Fix the cause, then `assay annotate` retries them (or run "
