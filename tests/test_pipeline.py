@@ -110,7 +110,11 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
     assert [r["step"] for r in first["steps"]] == pipeline.STEP_NAMES
     assert all(r["status"] == "ran" for r in first["steps"]), first["steps"]
     ev = first["evaluate"]
-    assert ev["judgments"] == "truth" and {"bm25", "base encoder", "baseline-click"} <= set(ev["systems"])
+    # every system is in the results, and the served one (serve.checkpoint: best) is named among them
+    assert ev["judgments"] == "truth" and set(ev["systems"]) == {"bm25", "base encoder", "curriculum", "baseline-click",
+                                                                 "hybrid"}, ev["systems"]
+    assert ev["served"]["serve.checkpoint"] == "best" and ev["served"]["system"] in ev["systems"]
+    assert all(m["all"]["queries"] == ev["queries"] > 0 for m in ev["systems"].values())
     ctx = ev["context"]  # the report also shows the training data, the cascade and the training curves
     assert ctx["tiers"] and ctx["cascade"]["coverage"] == 1.0 and set(ctx["cascade"]["decided_by"]) <= {
         "features", "ce", "vote"} and ctx["cascade"]["agreement"]["accuracy"] is not None
