@@ -185,6 +185,65 @@ def labeled_workspace(labeled_master, tmp_path) -> Path:
     return copy_ws(labeled_master, tmp_path / "lws")
 
 
+# The cascade of the annotation tests: two real MiniLM cross-encoders with different budgets (a cheap one and a better
+# one), trained on the tiny world's human train split, so the suite stays fast on 2 CPU cores.
+ANNOTATE_JUDGES = [
+    dict(name="ce-fast", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=48, batch_size=64, epochs=2,
+         max_train_pairs=500, learning_rate=3e-4),
+    dict(name="ce-full", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=64, batch_size=64, epochs=2,
+         max_train_pairs=900, learning_rate=3e-4),
+]
+
+
+def annotate_cfg(**kw):
+    from assay.config import AnnotateConfig, JudgeConfig
+
+    return AnnotateConfig(judges=[JudgeConfig(**j) for j in ANNOTATE_JUDGES], **kw)
+
+
+@pytest.fixture(scope="session")
+def calibrated_master(mined_master, tmp_path_factory):
+    """The mined tiny workspace with both judges trained (`assay teachers`) and calibrated (`assay calibrate`, on the
+    human calib split), built once: (workspace, teachers summary, calibrate summary)."""
+    from assay.annotate import fit, teachers
+    from assay.store import Store
+
+    ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("annot") / "ws")
+    with Store.open(ws) as store:
+        tr = teachers.run(annotate_cfg(), store, progress=False)
+        cal = fit.run(annotate_cfg(), store, progress=False)
+    return ws, tr, cal
+
+
+CASCADE_LABELED_QUERIES = 15  # about 2,600 mined pairs; about 4 min to label on a loaded 2-core machine
+
+
+@pytest.fixture(scope="session")
+def cascade_labeled_master(calibrated_master, tmp_path_factory) -> Path:
+    """Labels written by the real calibrated cascade: the trained workspace cut to its first
+    ``CASCADE_LABELED_QUERIES`` mined queries (their candidates and negatives; the other queries' mined pairs are
+    dropped, so every remaining pair is labeled) and `assay annotate` (batches.run) run over all of them. Unlike
+    ``labeled_master`` (truth plus noise with a constant confidence), these grades, probabilities and confidences
+    are the cascade's own, mistakes included. Built once."""
+    from assay.annotate import batches
+    from assay.store import Store
+
+    ws = copy_ws(calibrated_master[0], tmp_path_factory.mktemp("cascade_labeled") / "ws")
+    with Store.open(ws) as store:
+        keep = [q for (q,) in store.exec(f"SELECT DISTINCT query_id FROM candidates ORDER BY 1 "
+                                         f"LIMIT {CASCADE_LABELED_QUERIES}")]
+        for t in ("candidates", "negatives"):
+            store.exec(f"DELETE FROM {t} WHERE query_id NOT IN (SELECT unnest(?::VARCHAR[]))", [keep])
+        out = batches.run(annotate_cfg(batch_size=512), store, progress=False)
+        assert out["failed"] == 0 and out["after"]["pending"] == 0, out
+    return ws
+
+
+@pytest.fixture()
+def cascade_labeled_workspace(cascade_labeled_master, tmp_path) -> Path:
+    return copy_ws(cascade_labeled_master, tmp_path / "cws")
+
+
 def reingest_titles(store, item_ids: list[str], folder: Path, suffix: str = " waterproof") -> Path:
     """Re-ingest the products ``item_ids`` through `assay ingest` (a generic products file) with ``suffix`` appended
     to each title, as a catalog update would; returns the file."""

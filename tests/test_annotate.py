@@ -15,34 +15,15 @@ import sys
 import numpy as np
 import pytest
 
-from assay.annotate import agreement, batches, fit, teachers
+from assay.annotate import agreement, batches
 from assay.annotate.runtime import cascade_file, cascade_sha
-from assay.config import AnnotateConfig, JudgeConfig
 from assay.store import Store
 
-from conftest import copy_ws, kill9_script
+from conftest import annotate_cfg, copy_ws, kill9_script
 
 pytestmark = pytest.mark.slow
 
-JUDGES = [
-    dict(name="ce-fast", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=48, batch_size=64, epochs=2,
-         max_train_pairs=500, learning_rate=3e-4),
-    dict(name="ce-full", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=64, batch_size=64, epochs=2,
-         max_train_pairs=900, learning_rate=3e-4),
-]
-
-
-def acfg(**kw) -> AnnotateConfig:
-    return AnnotateConfig(judges=[JudgeConfig(**j) for j in JUDGES], **kw)
-
-
-@pytest.fixture(scope="session")
-def calibrated_master(mined_master, tmp_path_factory):
-    ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("annot") / "ws")
-    with Store.open(ws) as store:
-        tr = teachers.run(acfg(), store, progress=False)
-        cal = fit.run(acfg(), store, progress=False)
-    return ws, tr, cal
+acfg = annotate_cfg  # calibrated_master (conftest) trains and calibrates these two judges once per session
 
 
 @pytest.fixture()
@@ -178,15 +159,35 @@ def test_kill9_mid_batch_resumes_without_loss_or_duplicates(calibrated):
 
 
 def test_agreement_report(calibrated):
+    cfg = acfg()
     with Store.open(calibrated) as s:
-        rep = agreement.run(acfg(), s, progress=False)
+        rep = agreement.run(cfg, s, progress=False)
+        calib = {q for (q,) in s.exec("SELECT DISTINCT query_id FROM human_labels WHERE split = 'calib'")}
+        held_out = {q for (q,) in s.exec("SELECT DISTINCT query_id FROM human_labels WHERE split = 'eval'")}
     c = rep["cascade"]
-    assert rep["pairs"] > 100
+    assert rep["pairs"] > 100 and rep["split"] == "eval" and not calib & held_out  # pairs the fit never saw
     assert set(rep["judges"]) == {"ce-fast", "ce-full"}
     for j in rep["judges"].values():
         assert 0.4 < j["accuracy"] <= 1 and np.array(j["confusion"]).sum() == j["n"]
+    # the promise of `assay calibrate`: the cascade keeps its best judge's accuracy within agreement_tolerance. Checked
+    # on pairs the fit never saw: the 2,000 mined pairs of "mined vs truth" (no human label, so not in the calib
+    # split; graded by the simulator's truth), the distribution the cascade labels. Measured: cascade 0.763, ce-fast
+    # 0.760, ce-full 0.714. A cascade that sent every pair to ce-full alone (0.714) would fail; `0 < compute ratio
+    # < 2`, the check this replaces, accepted any cascade at all.
+    mined = rep["distributions"]["mined vs truth"]
+    mc, mbest = mined["cascade"], mined["judges"][mined["best_judge"]]["accuracy"]
+    print(f"\nmined vs truth ({mined['pairs']} pairs): cascade {mc['accuracy']:.4f}, best judge ({mined['best_judge']}) "
+          f"{mbest:.4f}; human eval ({rep['pairs']} pairs): cascade {c['accuracy']:.4f}, best judge "
+          f"({rep['best_judge']}) {rep['judges'][rep['best_judge']]['accuracy']:.4f}; tolerance {cfg.agreement_tolerance}; "
+          f"compute vs last judge {c['compute_vs_last_judge']}")
+    assert mined["pairs"] == 2000 and mc["accuracy"] >= mbest - cfg.agreement_tolerance, (mc, mbest)
+    # On the 377 human eval pairs the cascade lands 1.9 points below ce-full (0.504 vs 0.523), outside the tolerance;
+    # with a standard error of 2.6 points per accuracy on so few pairs that gap is not resolved, so it is printed
+    # above, not asserted (reported to the integrator).
+    # ...while the better judge only sees the pairs the cheap one escalates, so the cascade costs less than running
+    # both judges on everything
+    assert c["reach"]["ce-fast"] == 1.0 and 0 < c["reach"]["ce-full"] < 1.0
     assert c["judge_seconds"] < rep["judges"]["ce-fast"]["judge_seconds"] + rep["judges"]["ce-full"]["judge_seconds"]
-    assert 0 < c["compute_vs_last_judge"] < 2
     assert abs(sum(v["share"] for v in c["coverage"].values()) - 1) < 1e-3  # shares are rounded to 4 places
     folder = os.path.dirname(rep["report"])
     for f in ("report.html", "report.json", "compute.png", "confusion_cascade.png", "confusion_ce-full.png"):
