@@ -106,12 +106,13 @@ def main() -> None:
     ap.add_argument("--new-items", type=float, default=0.02)
     ap.add_argument("--new-queries", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--set", "-s", action="append", default=[], help="config override section.key=value")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     ws = Path(args.workspace)
-    out: dict = {"config": args.config}
+    out: dict = {"config": args.config, "overrides": args.set}
 
     if args.reuse:
         with Store.open(ws, read_only=True) as s:
