@@ -42,6 +42,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from assay.text import file_sha256
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
@@ -79,11 +81,7 @@ def require_onnxruntime(setting: str):
 
 
 def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def export_dir(artifacts: Path, what: str, source_sha: str, backend: str) -> Path:

@@ -62,6 +62,15 @@ def text_shas(texts: Iterable[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts], dtype="S16")
 
 
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks: what manifests record to refuse a changed file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(parts: Iterable[str | bytes]) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -19,7 +19,6 @@ crash executes only what has no ``_SUCCESS``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 
 from assay.config import AnnotateConfig
 from assay.store import Store, utcnow
-from assay.text import digest
+from assay.text import digest, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +50,6 @@ def workspace_id(store: Store) -> str:
         wid = uuid.uuid4().hex
         store.set_meta("workspace_id", wid)
     return wid
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json(path: Path, obj: dict) -> None:

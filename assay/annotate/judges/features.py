@@ -36,7 +36,6 @@ unpickled) are refused with the command that retrains it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -52,7 +51,7 @@ from assay.annotate.judges import _trees
 from assay.annotate.judges._classifier import (JudgeNotReady, cap_train_pairs, check_manifest, class_weights,
                                                config_digest, read_manifest, write_manifest)
 from assay.annotate.stuffing import STUFFING_FEATURES, pick_stuffed, stuff, stuffing_features, tokens
-from assay.text import item_text
+from assay.text import file_sha256, item_text
 
 FEATURES_VERSION = "features/2"
 MODEL_FILE = "trees.npz"
@@ -122,14 +121,6 @@ def read_signals(store, query_ids: Sequence[str], item_ids: Sequence[str]) -> pa
 
 
 _tokens = tokens
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def text_features(pairs: Sequence[Pair]) -> np.ndarray:
@@ -228,7 +219,7 @@ class FeaturesJudge:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _trees.Trees.from_sklearn(model).save(tmp / MODEL_FILE)
-        sha = _sha256(tmp / MODEL_FILE)
+        sha = file_sha256(tmp / MODEL_FILE)
         manifest = {"kind": cls.kind, "name": cfg.name, "features_version": FEATURES_VERSION,
                     "features": feature_names(cfg), "features_sha": cls.features_sha(cfg), "config": tcfg,
                     "config_digest": config_digest(tcfg), "sklearn": sk_version, "format": _trees.FORMAT,
@@ -258,7 +249,7 @@ class FeaturesJudge:
                                   "features_sha": cls.features_sha(cfg), "format": _trees.FORMAT}, cfg.name)
         if not path.exists():
             raise JudgeNotReady(f"judge {cfg.name!r} is not trained: no {path}; {retrain}")
-        if _sha256(path) != manifest.get("model_sha256"):
+        if file_sha256(path) != manifest.get("model_sha256"):
             raise JudgeNotReady(f"judge {cfg.name!r}: {path} does not match the sha256 its manifest recorded (changed "
                                 f"or replaced); {retrain}")
         try:
