@@ -456,6 +456,23 @@ def _phase_result(ws: Path, name: str) -> dict:
             "sha": json.loads(best.read_text())["sha"] if best.exists() else None}
 
 
+def _kill_once_resumable(p, ws, phase: str, step: int = 4):
+    """SIGKILL the training process group ``p`` once ``phase`` has saved a resumable state at ``step`` or later;
+    returns that state's latest.json."""
+    deadline = time.monotonic() + 600
+    latest = None
+    while time.monotonic() < deadline and p.poll() is None:
+        found = list((ws / "artifacts" / "train").glob(f"*/{phase}/state/latest.json"))
+        if found and json.loads(found[0].read_text())["step"] >= step:
+            latest = found[0]
+            break
+        time.sleep(0.2)
+    assert latest is not None, "the run never wrote a resumable state"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return latest
+
+
 def test_kill_9_resumes_to_the_same_model(curriculum_master, tmp_path):
     from conftest import copy_ws
 
@@ -467,17 +484,7 @@ def test_kill_9_resumes_to_the_same_model(curriculum_master, tmp_path):
     out, errs = p.communicate(timeout=600)
     assert p.returncode == 0, errs[-2000:]
     p = _train_cli(ws, *stage_set)
-    deadline = time.monotonic() + 600
-    latest = None
-    while time.monotonic() < deadline and p.poll() is None:
-        found = list((ws / "artifacts" / "train").glob("*/stage1/state/latest.json"))
-        if found and json.loads(found[0].read_text())["step"] >= 4:
-            latest = found[0]
-            break
-        time.sleep(0.2)
-    assert latest is not None, "the run never wrote a resumable state"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    latest = _kill_once_resumable(p, ws, "stage1")
     assert not (latest.parent.parent / "done.json").exists()
     with Store.open(ws) as store:  # the killed run is marked interrupted on the next open
         assert store.scalar("SELECT status FROM runs WHERE stage = 'train'") == "interrupted"
@@ -512,17 +519,7 @@ def test_paced_run_resumes_after_kill_9_to_identical_weights(curriculum_master, 
     assert [(r["checkpoint_id"].split("/")[1], r["name"]) for r in rows] == ([("paced", "curriculum")] if ph["improved"]
                                                                              else [])
     p = _train_cli(ws, *paced)
-    deadline = time.monotonic() + 600
-    latest = None
-    while time.monotonic() < deadline and p.poll() is None:
-        found = list((ws / "artifacts" / "train").glob("*/paced/state/latest.json"))
-        if found and json.loads(found[0].read_text())["step"] >= 4:
-            latest = found[0]
-            break
-        time.sleep(0.2)
-    assert latest is not None, "the run never wrote a resumable state"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    latest = _kill_once_resumable(p, ws, "paced")
     assert not (latest.parent.parent / "done.json").exists()
     p = _train_cli(ws, *paced)
     out2, errs2 = p.communicate(timeout=600)
