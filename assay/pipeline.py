@@ -39,12 +39,17 @@ log = logging.getLogger(__name__)
 META_KEY = "pipeline"
 
 
+# Where a step's work runs changes none of its results (tests/test_ray.py: the same grades and vectors on Ray as
+# locally), so moving a step to Ray does not make it, or the steps after it, stale.
+WHERE_IT_RUNS = {"mining": ("engine", "ray_encoders"), "annotate": ("engine", "ray"), "serve": ("engine", "ray_encoders")}
+
+
 def _sections(cfg: AssayConfig, *names: str) -> str:
     """The config a step reads, as its key's text: whole sections, or one key of a section ("pipeline.baselines"),
-    so that changing which baselines train does not make the label requests stale."""
+    so that changing which baselines train does not make the label requests stale; less ``WHERE_IT_RUNS``."""
     def part(n: str):
         sec, _, key = n.partition(".")
-        d = cfg.section_dict(sec)
+        d = {k: v for k, v in cfg.section_dict(sec).items() if k not in WHERE_IT_RUNS.get(sec, ())}
         return d[key] if key else d
     return json.dumps({n: part(n) for n in names}, sort_keys=True, default=str)
 
@@ -234,10 +239,10 @@ STEPS: list[Step] = [
     Step("baselines", ("train", "pipeline.baselines"), _with_store(_baselines), lambda c: bool(c.pipeline.baselines),
          ("curriculum",), code=("trainer",) + _DENSE),
     Step("export-index", ("serve",), _with_store(_export), lambda c: c.pipeline.export_index,
-         ("train", "baselines"), code=("serving",) + _DENSE),
+         ("train", "baselines"), code=("serving", "dense.py") + _DENSE),
     Step("evaluate", ("mining", "evaluate"), _with_store(_evaluate), lambda c: True,
          ("mine", "train", "baselines", "export-index"), inputs=("truth_items", "truth_queries"),
-         code=("eval", "serving", "report.py", "reporting.py") + _DENSE),
+         code=("eval", "dense.py", "report.py", "reporting.py") + _DENSE),
 ]
 STEP_NAMES = [s.name for s in STEPS]
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_serve.py --sizes 100000 --queries 300
 
 It measures the path `assay serve` and `assay search` take for one request (`TwoTower.encode_queries` of one query,
-then `assay.serving.index.search_index`), one request at a time, on ``--threads`` cores:
+then `assay.dense.search_index`), one request at a time, on ``--threads`` cores:
 
 - query encoding alone, p50/p99, beside sentence-transformers' own ``encode`` of the same model (the peer), for
   first-seen queries (texts never encoded before) and for the same queries repeated;
@@ -64,7 +64,8 @@ def main() -> None:
     from assay import models
     from assay.config import ModelsConfig, ServeConfig
     from assay.data.simulate import SimulateConfig, simulate
-    from assay.serving.index import build, search_index
+    from assay.dense import search_index
+    from assay.serving.index import build
     from assay.text import item_text
     from assay.trainer.loop import encode_by_length
     from assay.trainer.model import TwoTower

@@ -129,7 +129,7 @@ def test_what_cannot_run_says_which_setting_to_change(artifacts):
 def test_two_tower_on_onnx_matches_torch(texts, artifacts, tmp_path, heads):
     import torch
 
-    from assay.serving.index import item_vectors
+    from assay.dense import item_vectors
     from assay.trainer.model import TwoTower
 
     items, queries = texts

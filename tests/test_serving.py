@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from assay import dense
 from assay.config import AssayConfig, ServeConfig
 from assay.serving import index as serving
 from assay.serving.index import Served
@@ -112,7 +113,7 @@ def test_multi_head_search_rescoring_matches_exact_soft_dot():
     q /= np.linalg.norm(q, axis=2, keepdims=True)
     index = faiss.IndexFlatIP(16)
     index.add(items)
-    scores, rows = serving.search_index(index, q, 500, beta=10.0)  # every item is a candidate: exact
+    scores, rows = dense.search_index(index, q, 500, beta=10.0)  # every item is a candidate: exact
     want = soft_dot(torch.from_numpy(q), torch.from_numpy(items), 10.0).numpy()
     for r in range(3):
         assert rows[r][0] == int(np.argmax(want[r]))
@@ -293,17 +294,17 @@ def test_best_validated_checkpoint_compares_one_training_folder(tmp_path):
 
     with Store.open(tmp_path / "ws") as s:
         with pytest.raises(ValueError, match="assay train"):
-            serving.best_validated_checkpoint(s)
+            dense.best_validated_checkpoint(s)
         rec(s, "old", "baseline-binary", 0, 0.99)  # another training config: other validation pools
         rec(s, "new", "stage1", 1, 0.86)
         rec(s, "new", "stage2", 2, 0.90, kept=False)  # a skipped stage is not served
         rec(s, "new", "baseline-graded", 0, 0.88)
         rec(s, "new", "stage3", 3, 0.87)
-        path, ckpt_id, val = serving.best_validated_checkpoint(s)
+        path, ckpt_id, val = dense.best_validated_checkpoint(s)
         assert (ckpt_id, val) == ("new/baseline-graded", 0.88)
         assert path == str(tmp_path / "new" / "baseline-graded" / "best")
         rec(s, "new", "stage3", 3, 0.885)  # a retrained stage 3 validates higher
-        assert serving.best_validated_checkpoint(s)[1] == "new/stage3"
+        assert dense.best_validated_checkpoint(s)[1] == "new/stage3"
 
 
 def _get(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict | str]:

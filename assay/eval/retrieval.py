@@ -115,19 +115,11 @@ def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray,
 def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: str, k: int) -> np.ndarray:
     """Exact top-k rows of the catalog for each query: the serving path (cached item vectors, flat index,
     soft-dot re-scoring for multi-head queries) with an exact index, so the numbers describe the model."""
-    import faiss
-    import torch
-
-    from assay.serving.index import item_vectors, search_index
-    from assay.trainer.loop import encode_by_length
+    from assay.dense import exact_search, item_vectors, query_vectors
 
     model.sha = model.sha or sha
     vecs = item_vectors(model, catalog.texts, artifacts, chunk=16384, progress=False)
-    with torch.inference_mode():
-        q = encode_by_length(model.encode_queries, query_texts, 128).float().cpu().numpy()
-    index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(vecs)
-    return search_index(index, q, k, model.beta)[1]
+    return exact_search(vecs, query_vectors(model, query_texts), k, model.beta)[1]
 
 
 def rrf(a: list[str], b: list[str], k: int, c: int = 60) -> list[str]:
@@ -185,7 +177,7 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
                 sha = model.sha
             guard = None
             if backend_cfg is not None:
-                from assay.serving.index import open_backend
+                from assay.dense import open_backend
 
                 guard = open_backend(model, backend_cfg, store, catalog.texts)
             hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)

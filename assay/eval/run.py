@@ -35,7 +35,7 @@ def served_system(cfg: AssayConfig, store: Store, systems: dict[str, str]) -> di
     """Which evaluated system `assay export-index` would serve (``serve.checkpoint``: a path, ``best``, or the
     newest curriculum checkpoint), so the report says what users get. A served checkpoint that no other system
     names is added to ``systems`` as ``served``. None when nothing is trained yet."""
-    from assay.serving.index import resolve_checkpoint
+    from assay.dense import resolve_checkpoint
 
     try:
         path = resolve_checkpoint(store, cfg.serve.checkpoint)

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from assay.config import AssayConfig
-from assay.serving.index import MODES, Served, item_vectors, search_index
+from assay.dense import item_vectors, search_index
+from assay.serving.index import MODES, Served
 from assay.store import Store
 
 log = logging.getLogger(__name__)

@@ -147,7 +147,7 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
 def export_checkpoint(path: str, models_cfg: ModelsConfig, artifacts: Path) -> str:
     """Export a kept checkpoint's towers for the first ONNX backend ``models.backend`` names (training stays on
     PyTorch), so export-index, evaluate and serve find them built; returns that backend, or "torch" when the
-    setting needs no export. The accuracy guard runs where the export is first used (assay.serving.index)."""
+    setting needs no export. The accuracy guard runs where the export is first used (assay.dense.open_backend)."""
     from assay import inference
 
     backend = inference.resolve(models_cfg.backend, models_cfg.device)[0]
