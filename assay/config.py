@@ -587,6 +587,11 @@ class ServeConfig(Section):
     recall_sample: int = Field(200, ge=0, description="workspace queries searched exactly and with the index to "
                                                       "measure recall@100 for the manifest")
     encode_chunk: int = Field(4096, ge=1, description="items encoded per resumable chunk (cached as they finish)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="ray: the catalog's item-tower vectors missing from the checkpoint's vector cache are "
+                             "encoded by a Ray Data actor pool (annotate.ray.address, RAY_ADDRESS, else a local Ray) "
+                             "into that cache, which export-index then reads (docs/scale.md)")
+    ray_encoders: int = Field(1, ge=1, description="item-tower actors (1 CPU each) when engine is ray")
     max_query_chars: int = Field(512, ge=1, description="longest query accepted")
     rrf_k: int = Field(60, ge=1, description="hybrid mode: reciprocal-rank-fusion constant")
     api_token_env: str = Field("ASSAY_API_TOKEN", description="`assay serve`: the environment variable holding a "

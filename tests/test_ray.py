@@ -266,3 +266,30 @@ def test_catalog_encoding_on_ray_fills_the_embedding_cache(local_ray, tmp_path):
     assert again["encoded"] == 0 and again["cached"] == 41  # mining and export-index read Ray's vectors as hits
     assert np.allclose(vecs, enc.encode(texts), atol=1e-5)
     assert warm_cache(enc, "all-MiniLM-L6-v2", texts, tmp_path)["encoded"] == 0
+
+
+def test_item_tower_encoding_on_ray_fills_the_checkpoint_vector_cache(local_ray, tmp_path, monkeypatch):
+    """`export-index` with serve.engine ray: Ray actors load the checkpoint and write its item vectors into the cache
+    that assay.dense.item_vectors (export-index, evaluate) reads; those then encode nothing."""
+    import numpy as np
+
+    from assay import dense
+    from assay.scale.encode import warm_item_vectors
+    from assay.trainer.model import TwoTower
+
+    TwoTower.from_base("all-MiniLM-L6-v2", projection_dim=32, query_max_length=16, item_max_length=32).save(
+        tmp_path / "ck")
+    model = TwoTower.load(tmp_path / "ck")
+    texts = [f"ray item {i} | oak bookcase with {i % 5 + 2} shelves" for i in range(30)] + ["ray item 0 | oak "
+                                                                                             "bookcase with 2 shelves"]
+    st = warm_item_vectors(model, tmp_path / "ck", texts, tmp_path / "art", num_cpus=0.5, batch_rows=8)
+    assert st["texts"] == 31 and st["cached"] == 0 and st["encoded"] == 30
+    want = dense.encode_items(model, texts)
+
+    def no_encoding(*a, **k):
+        raise AssertionError("item_vectors encoded what Ray had cached")
+
+    monkeypatch.setattr(dense, "encode_items", no_encoding)
+    vecs = dense.item_vectors(model, texts, tmp_path / "art", chunk=64, progress=False)
+    assert np.allclose(vecs, want, atol=1e-5)
+    assert warm_item_vectors(model, tmp_path / "ck", texts, tmp_path / "art")["encoded"] == 0

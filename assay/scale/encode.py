@@ -44,10 +44,36 @@ class EncodeStage:
         return pa.table({"n": pa.array([len(texts)], pa.int64())})
 
 
-def warm_cache(encoder, model_name: str, texts: list[str], artifacts: Path, *, concurrency: int = 1, num_cpus: float = 1.0,
-               num_gpus: float = 0.0, batch_rows: int = 4096) -> dict:
-    """Encode on Ray every distinct text of ``texts`` that the cache of ``encoder`` (opened on ``model_name``) lacks
-    (Ray must be connected: assay.scale.cluster.connect). Returns texts, cached, encoded and seconds."""
+class ItemTowerStage:
+    """A Ray Data actor: a two-tower checkpoint's item tower (on the backend the driver's accuracy guard admitted)
+    encodes a batch of item texts into the checkpoint's item-vector cache (assay.dense.item_vectors reads it)."""
+
+    def __init__(self, spec: dict):
+        from assay.dense import item_cache_key
+        from assay.trainer.model import TwoTower
+
+        self.model = TwoTower.load(spec["checkpoint"], device="cpu")
+        if spec["backend"] != "torch":
+            self.model.use_backend(spec["backend"], Path(spec["artifacts"]))
+        if item_cache_key(self.model) != spec["cache_key"]:
+            raise RuntimeError(f"the worker's checkpoint {spec['checkpoint']} has another item-vector cache key than "
+                               "the driver's: the checkpoint changed on disk, or another backend")
+        self.artifacts, self.key = Path(spec["artifacts"]), spec["cache_key"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from assay.dense import encode_items
+        from assay.encode import EmbeddingCache
+
+        texts = batch.column("text").to_pylist()
+        shas = np.array(batch.column("sha").to_pylist(), dtype="S16")
+        EmbeddingCache(self.artifacts, self.key).add(shas, encode_items(self.model, texts))
+        return pa.table({"n": pa.array([len(texts)], pa.int64())})
+
+
+def _fill(stage, spec: dict, texts: list[str], artifacts: Path, key: str, dim: int, *, concurrency: int,
+          num_cpus: float, num_gpus: float, batch_rows: int) -> dict:
+    """Encode on Ray (``stage`` actors built from ``spec``) every distinct text of ``texts`` that the embedding cache
+    ``key`` lacks (Ray must be connected: assay.scale.cluster.connect). Returns texts, cached, encoded, seconds."""
     import ray
 
     from assay.encode import EmbeddingCache
@@ -55,18 +81,14 @@ def warm_cache(encoder, model_name: str, texts: list[str], artifacts: Path, *, c
 
     t0 = time.perf_counter()
     shas = text_shas(texts)
-    _, found = EmbeddingCache(Path(artifacts), encoder.cache_key).lookup(shas, encoder.dim)
+    _, found = EmbeddingCache(Path(artifacts), key).lookup(shas, dim)
     missing = np.flatnonzero(~found)
     uniq, first = np.unique(shas[missing], return_index=True)
     stats = {"texts": len(texts), "cached": int(found.sum()), "encoded": int(len(uniq)), "seconds": 0.0}
     if len(uniq):
         tbl = pa.table({"sha": pa.array(uniq.tolist(), pa.binary(16)),
                         "text": pa.array([texts[missing[i]] for i in first], pa.string())})
-        spec = {"model": model_name,
-                "max_seq_length": int(encoder.model.max_seq_length), "precision": encoder.precision,
-                "batch_size": encoder.batch_size, "backend": encoder.backend, "artifacts": str(Path(artifacts)),
-                "cache_key": encoder.cache_key}
-        ds = ray.data.from_arrow(tbl).map_batches(EncodeStage, fn_constructor_kwargs={"spec": spec},
+        ds = ray.data.from_arrow(tbl).map_batches(stage, fn_constructor_kwargs={"spec": spec},
                                                   batch_format="pyarrow", batch_size=batch_rows,
                                                   concurrency=concurrency, num_cpus=num_cpus,
                                                   num_gpus=num_gpus or None)
@@ -74,6 +96,30 @@ def warm_cache(encoder, model_name: str, texts: list[str], artifacts: Path, *, c
         if done < len(uniq):
             raise RuntimeError(f"Ray encoded {done} of {len(uniq)} texts; rerun (the cache keeps what was written)")
     stats["seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("ray encode: %d texts, %d cached, %d encoded in %.1f s", *(stats[k] for k in
-                                                                         ("texts", "cached", "encoded", "seconds")))
+    log.info("ray encode (%s): %d texts, %d cached, %d encoded in %.1f s", stage.__name__,
+             *(stats[k] for k in ("texts", "cached", "encoded", "seconds")))
     return stats
+
+
+def warm_cache(encoder, model_name: str, texts: list[str], artifacts: Path, *, concurrency: int = 1, num_cpus: float = 1.0,
+               num_gpus: float = 0.0, batch_rows: int = 4096) -> dict:
+    """Encode on Ray every distinct text of ``texts`` that the cache of ``encoder`` (opened on ``model_name``) lacks:
+    mining's ANN channel (``mining.engine: ray``)."""
+    spec = {"model": model_name, "max_seq_length": int(encoder.model.max_seq_length), "precision": encoder.precision,
+            "batch_size": encoder.batch_size, "backend": encoder.backend, "artifacts": str(Path(artifacts)),
+            "cache_key": encoder.cache_key}
+    return _fill(EncodeStage, spec, texts, artifacts, encoder.cache_key, encoder.dim, concurrency=concurrency,
+                 num_cpus=num_cpus, num_gpus=num_gpus, batch_rows=batch_rows)
+
+
+def warm_item_vectors(model, checkpoint: str | Path, texts: list[str], artifacts: Path, *, concurrency: int = 1,
+                      num_cpus: float = 1.0, num_gpus: float = 0.0, batch_rows: int = 4096) -> dict:
+    """Encode on Ray every distinct item text the item-vector cache of ``model`` (loaded from ``checkpoint``, already
+    on its backend) lacks: `export-index` with ``serve.engine: ray``."""
+    from assay.dense import item_cache_key
+
+    key = item_cache_key(model)
+    spec = {"checkpoint": str(checkpoint), "backend": getattr(model, "backend", "torch"),
+            "artifacts": str(Path(artifacts)), "cache_key": key}
+    return _fill(ItemTowerStage, spec, texts, artifacts, key, model.dim, concurrency=concurrency, num_cpus=num_cpus,
+                 num_gpus=num_gpus, batch_rows=batch_rows)
