@@ -9,6 +9,8 @@ SUM     := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 STAMP   := $(VENV)/.installed-test-$(SUM)
 DEMO_STAMP := $(VENV)/.installed-demo-$(SUM)
 PYTEST_ARGS ?=
+# pytest-xdist workers: each test runs on one OpenMP thread (tests/conftest.py), so two workers keep two cores busy
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean chromium
 
@@ -44,8 +46,10 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  chromium >/dev/null; } || echo "chromium could not be installed: the search page's browser test will skip"
 
+# Each test file runs whole on one worker (its module fixtures are built once); the session's worlds, mined and
+# labeled workspaces and trained judges are built once and shared by both workers (tests/conftest.py built_once).
 test: install chromium
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py

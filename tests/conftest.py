@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,14 +22,40 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """``build(folder)`` run once per test session, also across pytest-xdist workers (`make test` runs two): the
+    first worker that needs it builds it under a file lock in the session's shared temp root, the others wait for it
+    and reuse the folder and the returned value (Paths, dicts and lists, kept as JSON). Without xdist it is a plain
+    session build. What it builds is a master: tests copy it before they write."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            value = build(folder)
+            done.write_text(json.dumps(value, default=lambda o: {"__path__": str(o)} if isinstance(o, Path) else
+                                       o.item() if hasattr(o, "item") else str(o)))
+            return value
+    return json.loads(done.read_text(), object_hook=lambda d: Path(d["__path__"]) if set(d) == {"__path__"} else d)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A small simulated world (files only), built once."""
     from assay.data.simulate import SimulateConfig, simulate
 
-    out = tmp_path_factory.mktemp("world")
-    simulate(SimulateConfig(seed=7, n_products=3000, n_queries=300, label_queries=0.3), out, progress=False)
-    return out
+    def build(out: Path) -> Path:
+        simulate(SimulateConfig(seed=7, n_products=3000, n_queries=300, label_queries=0.3), out, progress=False)
+        return out
+
+    return built_once(tmp_path_factory, "world", build)
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +65,12 @@ def tiny_workspace_master(tiny_world, tmp_path_factory) -> Path:
     from assay.data import ingest
     from assay.store import Store
 
-    ws = tmp_path_factory.mktemp("ws_master")
-    with Store.open(ws) as store:
-        ingest.run(IngestConfig(), store, path=tiny_world, progress=False)
-    return ws
+    def build(ws: Path) -> Path:
+        with Store.open(ws) as store:
+            ingest.run(IngestConfig(), store, path=tiny_world, progress=False)
+        return ws
+
+    return built_once(tmp_path_factory, "ws_master", build)
 
 
 @pytest.fixture()
@@ -69,10 +98,13 @@ def mined_master(tiny_workspace_master, tmp_path_factory):
     from assay.mining import run as mine
     from assay.store import Store
 
-    ws = copy_ws(tiny_workspace_master, tmp_path_factory.mktemp("mined") / "ws")
-    with Store.open(ws) as store:
-        summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(backend="torch"), progress=False)
-    return ws, summary
+    def build(folder: Path):
+        ws = copy_ws(tiny_workspace_master, folder / "ws")
+        with Store.open(ws) as store:
+            summary = mine(MiningConfig(**MINING_FAST), store, ModelsConfig(backend="torch"), progress=False)
+        return ws, summary
+
+    return tuple(built_once(tmp_path_factory, "mined", build))
 
 
 def kill9_script(module: str, func: str, nth: int, run: str) -> str:
@@ -154,6 +186,11 @@ def labeled_master(mined_master, tmp_path_factory) -> Path:
     the world's true grade with 10% of the grades moved one step (seeded), written to ``labels`` with a
     one-hot-ish probability vector. Annotation itself is tested in test_annotate/test_cascade; the curriculum
     and trainer tests need labeled pairs without training judges first."""
+    return built_once(tmp_path_factory, "labeled", lambda folder: _label_with_noisy_truth(
+        copy_ws(mined_master[0], folder / "ws")))
+
+
+def _label_with_noisy_truth(ws: Path) -> Path:
     import numpy as np
     import pyarrow as pa
 
@@ -161,7 +198,6 @@ def labeled_master(mined_master, tmp_path_factory) -> Path:
     from assay.store import Store
     from assay.text import stamp_text_sha_sql
 
-    ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("labeled") / "ws")
     with Store.open(ws) as store:
         pairs = store.query("SELECT query_id, item_id FROM candidates UNION ALL SELECT query_id, item_id FROM negatives "
                             "ORDER BY 1, 2")
@@ -208,11 +244,14 @@ def calibrated_master(mined_master, tmp_path_factory):
     from assay.annotate import fit, teachers
     from assay.store import Store
 
-    ws = copy_ws(mined_master[0], tmp_path_factory.mktemp("annot") / "ws")
-    with Store.open(ws) as store:
-        tr = teachers.run(annotate_cfg(), store, progress=False)
-        cal = fit.run(annotate_cfg(), store, progress=False)
-    return ws, tr, cal
+    def build(folder: Path):
+        ws = copy_ws(mined_master[0], folder / "ws")
+        with Store.open(ws) as store:
+            tr = teachers.run(annotate_cfg(), store, progress=False)
+            cal = fit.run(annotate_cfg(), store, progress=False)
+        return ws, tr, cal
+
+    return tuple(built_once(tmp_path_factory, "annot", build))
 
 
 CASCADE_LABELED_QUERIES = 15  # about 2,600 mined pairs; about 4 min to label on a loaded 2-core machine
@@ -225,10 +264,14 @@ def cascade_labeled_master(calibrated_master, tmp_path_factory) -> Path:
     dropped, so every remaining pair is labeled) and `assay annotate` (batches.run) run over all of them. Unlike
     ``labeled_master`` (truth plus noise with a constant confidence), these grades, probabilities and confidences
     are the cascade's own, mistakes included. Built once."""
+    return built_once(tmp_path_factory, "cascade_labeled", lambda folder: _label_by_cascade(
+        copy_ws(calibrated_master[0], folder / "ws")))
+
+
+def _label_by_cascade(ws: Path) -> Path:
     from assay.annotate import batches
     from assay.store import Store
 
-    ws = copy_ws(calibrated_master[0], tmp_path_factory.mktemp("cascade_labeled") / "ws")
     with Store.open(ws) as store:
         keep = [q for (q,) in store.exec(f"SELECT DISTINCT query_id FROM candidates ORDER BY 1 "
                                          f"LIMIT {CASCADE_LABELED_QUERIES}")]
