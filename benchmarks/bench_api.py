@@ -5,7 +5,11 @@
 
 ``--build-items N`` (only when the workspace has no index yet): simulates a world of N products and 3,000 queries,
 ingests it and exports a FAISS index of the base model's two-tower (``serve.index: auto``, so flat up to 200k
-items). Serving cost does not depend on training, so an untrained checkpoint is as good as a trained one here.
+items, HNSW above). Serving cost does not depend on training, so an untrained checkpoint is as good as a trained
+one here. ``--real M`` (with ``--build-items N > M``): encoding 1M items takes about two hours on 2 cores, so only
+the first M items are encoded for real; every other item's vector is a real one tiled with small Gaussian noise
+(sigma 0.02, renormalised, as `bench_serve.py` does), written into the checkpoint's vector cache under that item's
+own text, so `export-index` reads all N as cache hits and builds the index as it would. The report says so.
 
 The server runs in its own process (`assay serve` on a free loopback port, as users start it); the clients are
 threads here, one fresh HTTP connection per request. It reports:
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 
-def build(ws: Path, n_items: int, seed: int = 21) -> None:
+def build(ws: Path, n_items: int, real: int | None = None, seed: int = 21) -> None:
     """Simulate, ingest and export an index of the base model into ``ws`` (see the module docstring)."""
     from assay.config import AssayConfig, IngestConfig, ServeConfig
     from assay.data import ingest
@@ -42,12 +46,37 @@ def build(ws: Path, n_items: int, seed: int = 21) -> None:
     from assay.trainer.model import TwoTower
 
     world = ws.parent / f"{ws.name}-world"
-    simulate(SimulateConfig(seed=seed, n_products=n_items, n_queries=3000), world, progress=False)
+    simulate(SimulateConfig(seed=seed, n_products=n_items, n_queries=3000), world, progress=True)
     ckpt = ws.parent / f"{ws.name}-base-checkpoint"
     TwoTower.from_base("all-MiniLM-L6-v2").save(ckpt)
+    cfg = AssayConfig(serve=ServeConfig(recall_sample=50))
     with Store.open(ws) as s:
-        ingest.run(IngestConfig(), s, path=world, progress=False)
-        serving.export(AssayConfig(serve=ServeConfig(recall_sample=50)), s, checkpoint=str(ckpt), progress=False)
+        ingest.run(IngestConfig(), s, path=world, progress=True)
+        if real and real < n_items:
+            tile_vectors(cfg, s, ckpt, real)
+        serving.export(cfg, s, checkpoint=str(ckpt), progress=True)
+
+
+def tile_vectors(cfg, store, ckpt: Path, real: int, sigma: float = 0.02) -> None:
+    """Encode the first ``real`` catalog items for real and fill the checkpoint's vector cache for the others with
+    those vectors tiled and jittered (``--real``)."""
+    from assay.dense import item_cache_key, item_vectors, open_backend
+    from assay.encode import EmbeddingCache
+    from assay.mining.run import load_catalog
+    from assay.text import text_shas
+    from assay.trainer.model import TwoTower
+
+    catalog = load_catalog(store)
+    model = TwoTower.load(ckpt)
+    open_backend(model, cfg, store, catalog.texts)  # the backend export-index will use: part of the cache key
+    vecs = item_vectors(model, catalog.texts[:real], store.artifacts, cfg.serve.encode_chunk, True)
+    rng = np.random.default_rng(0)
+    cache = EmbeddingCache(store.artifacts, item_cache_key(model))
+    shas = text_shas(catalog.texts)
+    for lo in range(real, len(shas), 100_000):
+        hi = min(lo + 100_000, len(shas))
+        v = vecs[rng.integers(0, real, hi - lo)] + rng.normal(0, sigma, (hi - lo, vecs.shape[1])).astype(np.float32)
+        cache.add(shas[lo:hi], v / np.linalg.norm(v, axis=1, keepdims=True))
 
 
 def post(url: str, query: str, k: int, mode: str = "dense") -> tuple[float, float]:
@@ -68,6 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-w", "--workspace", type=Path, default=Path("workspace"))
     ap.add_argument("--build-items", type=int, default=None, help="build the workspace with this many items first")
+    ap.add_argument("--real", type=int, default=None, help="with --build-items: items encoded for real, the rest "
+                                                           "tiled from them with noise")
     ap.add_argument("--first-seen", type=int, default=400, help="distinct never-sent queries timed one at a time")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -81,11 +112,13 @@ def main() -> None:
 
     if args.build_items and not (args.workspace / "artifacts" / "index").exists():
         t0 = time.perf_counter()
-        build(args.workspace, args.build_items)
-        print(f"built {args.workspace} ({args.build_items:,} items) in {time.perf_counter() - t0:.0f} s")
+        build(args.workspace, args.build_items, args.real)
+        print(f"built {args.workspace} ({args.build_items:,} items"
+              + (f", {args.real:,} encoded for real, the rest tiled with noise" if args.real else "")
+              + f") in {time.perf_counter() - t0:.0f} s")
     with Store.open(args.workspace, read_only=True) as s:
         queries = [r[0] for r in s.exec("SELECT DISTINCT text FROM queries ORDER BY hash(text)")]
-        n_items = s.scalar("SELECT n_items FROM indexes ORDER BY rowid DESC LIMIT 1")
+        n_items, kind = s.exec("SELECT n_items, kind FROM indexes ORDER BY rowid DESC LIMIT 1")[0]
     warm, fresh = queries[:50], queries[50:50 + args.first_seen]
     peer_fresh = queries[50 + args.first_seen:50 + 2 * args.first_seen] or fresh
     with Store.open(args.workspace, read_only=True) as s:  # the peer: in-process, its own first-seen queries
@@ -120,7 +153,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"\n{n_items:,} items, k={args.k}, one request at a time (p50 / p99 ms):")
+    print(f"\n{n_items:,} items ({kind} index), k={args.k}, one request at a time (p50 / p99 ms):")
     print("| queries | n | client (HTTP) | server took_ms |\n|---|---|---|---|")
     print(f"| first-seen | {len(first)} | {pcts([c for c, _ in first])} | {pcts([t for _, t in first])} |")
     print(f"| repeated | {len(again)} | {pcts([c for c, _ in again])} | {pcts([t for _, t in again])} |")
