@@ -73,6 +73,9 @@ def test_a_step_is_stale_only_when_what_it_reads_changed():
         return [p["step"] for p in pipeline.plan(c, done) if p["status"] == "run"]
 
     assert stale(baselines=["binary"]) == ["baselines", "export-index", "evaluate"]
+    # where a step runs is not what it computes: moving mining, annotation or encoding to Ray reruns nothing
+    assert stale("mining", engine="ray", ray_encoders=4) == stale("annotate", engine="ray") == stale(
+        "serve", engine="ray") == []
     assert stale(label_requests=100) == pipeline.STEP_NAMES[pipeline.STEP_NAMES.index("label-request"):]
     after_mine = pipeline.STEP_NAMES[pipeline.STEP_NAMES.index("mine"):]
     assert stale("mining", k=20) == [s for s in after_mine if s != "label-request"]
