@@ -570,6 +570,31 @@ def test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines(cu
     assert "baseline mixed-bce" in [r["model"] for r in cur["ablation"]]
 
 
+@pytest.mark.slow
+def test_training_on_real_cascade_labels_beats_the_base_encoder_on_validation(cascade_labeled_workspace):
+    """The curriculum and a baseline trained on labels written by the real calibrated cascade
+    (conftest.cascade_labeled_master: its grades, confidences and mistakes), not truth plus noise: at least one
+    curriculum stage is kept, and the kept model and the binary baseline both score above the base encoder on the
+    same validation queries (their pools graded by the cascade)."""
+    from assay.curriculum import run as run_curriculum
+    from assay.trainer import run as run_train
+
+    with Store.open(cascade_labeled_workspace) as store:
+        # 15 cascade-labeled queries: 30% validate (every pool), the rest train
+        run_curriculum(CurriculumConfig(val_fraction=0.3, test_fraction=0.0), store)
+        assert store.scalar("SELECT count(*) FROM examples WHERE grade_source = 'cascade'") > 0
+        cur = run_train(tiny_cfg(), store, TORCH, progress=False)
+        binary = run_train(tiny_cfg(), store, TORCH, baseline="binary", progress=False)
+    base = cur["base_val_ndcg10"]
+    kept = [p for p in cur["phases"].values() if p["improved"]]
+    print(f"\ncascade labels: base encoder {base:.4f}; stages "
+          + ", ".join(f"{n} {p['best_val']:.4f}{' kept' if p['improved'] else ''}" for n, p in cur["phases"].items())
+          + f"; binary {binary['phases']['baseline-binary']['best_val']:.4f}")
+    assert kept and max(p["best_val"] for p in kept) > base
+    b = binary["phases"]["baseline-binary"]
+    assert b["vs_base_encoder"] > 0 and b["best_val"] > binary["base_val_ndcg10"]
+
+
 def test_torchrun_two_processes_gather_in_batch_negatives(curriculum_ws):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     stages = [{**TINY["stages"][0], "loss": "mnr"}] + TINY["stages"][1:]
