@@ -344,6 +344,8 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
     assert [r.get("gain") for r in s["ablation"][1:4]] == [p["gain"] for p in s["phases"].values()]
     kept = [r for r in rows if r["kept"]]
     assert len(kept) == sum(p["improved"] for p in s["phases"].values())
+    # training helps: at least one stage is kept, above the base encoder on the same validation queries
+    assert kept and prev > s["base_val_ndcg10"], {n: p["best_val"] for n, p in s["phases"].items()}
     assert [r["model"] for r in s["ablation"]][:4] == ["base encoder", "stage 1", "stage 1+2", "stage 1+2+3"]
     assert s["ablation"][-1]["val_ndcg10"] == pytest.approx(prev, abs=1e-5)
     assert Path(s["report"]).exists() and (Path(s["report"]).parent / "curves.png").stat().st_size > 1000
@@ -434,6 +436,9 @@ def test_baselines_share_the_step_budget(curriculum_ws):
             assert all(0 <= h["val_embarrassing"] <= 1 and 0 < h["val_judged"] <= 1 and 0 < h["val_rerank"] <= 1
                        for h in p["history"])
     assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 200  # + random items
+    # the graded baseline (rerank validation, as the curriculum) improves over the base encoder
+    assert out["graded"]["phases"]["baseline-graded"]["vs_base_encoder"] > 0, {
+        b: s["phases"][f"baseline-{b}"]["vs_base_encoder"] for b, s in out.items()}
     models = [r["model"] for r in out["graded"]["ablation"]]
     assert {"baseline click", "baseline graded"} <= set(models)  # binary selected differently: its own run key
     assert "baseline binary" in [r["model"] for r in out["binary"]["ablation"]] and "baseline binary" not in models
