@@ -2,8 +2,8 @@
 
 - which checkpoint a command means (``resolve_checkpoint``: a path, ``best`` or the newest kept curriculum checkpoint);
 - the backend it runs on (``open_backend``: PyTorch, or an ONNX export admitted by the accuracy guard);
-- the catalog's item-tower vectors (``item_vectors``, cached per checkpoint sha and backend in the embedding cache
-  that mining and `assay scale` fill too), the query vectors (``query_vectors``);
+- the catalog's item-tower vectors (``item_vectors``, cached per checkpoint sha and backend in the on-disk
+  embedding cache, which ``serve.engine: ray`` fills from Ray actors), the query vectors (``query_vectors``);
 - search over item vectors (``search_index``: any FAISS index; multi-head query towers re-score the union of their
   heads' hits; ``exact_search``: the exact inner-product top k).
 
