@@ -314,11 +314,16 @@ def test_retrieval_validation_searches_the_whole_catalog():
 
 
 # --------------------------------------------------------------------------- curriculum training
+CURRICULUM_TEST_LR = 2e-4
+
+
 def test_curriculum_trains_selects_and_records(curriculum_ws):
     from assay.trainer import run as run_train
 
-    with Store.open(curriculum_ws) as store:
-        s = run_train(tiny_cfg(), store, ModelsConfig(), progress=False)  # default backend: kept checkpoints exported
+    # each stage's 4 steps at a learning rate high enough to move the tiny model (at 5e-5 none is kept)
+    stages = [{**st, "learning_rate": CURRICULUM_TEST_LR} for st in TINY["stages"]]
+    with Store.open(curriculum_ws) as store:  # the default backend: kept checkpoints are exported
+        s = run_train(tiny_cfg(stages=stages), store, ModelsConfig(), progress=False)
         rows = store.query("SELECT * FROM checkpoints ORDER BY stage").to_pylist()
     assert list(s["phases"]) == ["stage1", "stage2", "stage3"]
     prev = s["base_val_ndcg10"]
