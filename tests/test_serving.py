@@ -202,6 +202,7 @@ def test_the_real_server_answers_and_rejects_bad_requests(server):
     base, ws = server
     status, health = _http(f"{base}/health")
     assert status == 200 and health["status"] == "ok" and health["n_items"] == 3000
+    assert health["modes"] == {"dense": True, "hybrid": True}  # BM25 is ready before the first hybrid request
     status, man = _http(f"{base}/manifest")
     assert status == 200 and man["checkpoint_sha"] == health["checkpoint_sha"]
     status, res = _http(f"{base}/search", {"query": "velvet sofa", "k": 7, "mode": "hybrid"})
