@@ -423,10 +423,11 @@ def test_baselines_share_the_step_budget(curriculum_ws):
 
     with Store.open(curriculum_ws) as store:
         # binary selects its step on retrieval validation (its top 10 of the validation catalog: every labeled item
-        # of the validation queries plus 200 random ones, encoded at each validation)
-        out = {b: run_train(tiny_cfg(**({"val_metric": "retrieval", "val_catalog_random": 200} if b == "binary" else
-                                        {})), store, TORCH, baseline=b, progress=False)
-               for b in ("click", "binary", "graded")}
+        # of the validation queries plus 100 random ones, all encoded at each validation: profiled, 85% of this
+        # test's time went there with 8 queries, 2,000 random items and a validation every 2 steps)
+        retrieval = {"val_metric": "retrieval", "val_catalog_random": 100, "val_max_queries": 4, "eval_every": 4}
+        out = {b: run_train(tiny_cfg(**(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
+                            progress=False) for b in ("click", "binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():
         p = s["phases"][f"baseline-{b}"]
@@ -440,7 +441,7 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         if b == "binary":  # the top 10 of the validation catalog also gives the embarrassing and judged shares
             assert all(0 <= h["val_embarrassing"] <= 1 and 0 < h["val_judged"] <= 1 and 0 < h["val_rerank"] <= 1
                        for h in p["history"])
-    assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 200  # + random items
+    assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 100  # + random items
     # the graded baseline (rerank validation, as the curriculum) improves over the base encoder
     assert out["graded"]["phases"]["baseline-graded"]["vs_base_encoder"] > 0, {
         b: s["phases"][f"baseline-{b}"]["vs_base_encoder"] for b, s in out.items()}
