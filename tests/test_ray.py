@@ -251,14 +251,25 @@ def test_no_ray_installed_names_the_extra(monkeypatch):
         require_ray()
 
 
+def zero_tail_text() -> str:
+    """A text whose 16-byte digest ends in a zero byte (numpy's bytes scalars drop it: a 15-byte key once broke the
+    Ray encoders on a real 3,000-item catalog)."""
+    import numpy as np
+
+    from assay.text import text_shas
+
+    return next(t for t in (f"ray test item {i} oak shelf" for i in range(100_000))
+                if np.ascontiguousarray(text_shas([t])).tobytes()[-1] == 0)
+
+
 def test_catalog_encoding_on_ray_fills_the_embedding_cache(local_ray, tmp_path):
     import numpy as np
 
     from assay.encode import Encoder, encode_cached
     from assay.scale.encode import warm_cache
 
-    texts = [f"ray test item {i} walnut side table with drawer" for i in range(40)] + ["ray test item 0 walnut side "
-                                                                                       "table with drawer"]
+    texts = [f"ray test item {i} walnut side table with drawer" for i in range(39)] + [zero_tail_text(), "ray test "
+                                                                                       "item 0 walnut side table with drawer"]
     enc = Encoder("all-MiniLM-L6-v2", max_seq_length=64, batch_size=16)
     st = warm_cache(enc, "all-MiniLM-L6-v2", texts, tmp_path, num_cpus=0.5, batch_rows=16)
     assert st["texts"] == 41 and st["cached"] == 0 and st["encoded"] == 40  # each distinct text once
@@ -280,8 +291,8 @@ def test_item_tower_encoding_on_ray_fills_the_checkpoint_vector_cache(local_ray,
     TwoTower.from_base("all-MiniLM-L6-v2", projection_dim=32, query_max_length=16, item_max_length=32).save(
         tmp_path / "ck")
     model = TwoTower.load(tmp_path / "ck")
-    texts = [f"ray item {i} | oak bookcase with {i % 5 + 2} shelves" for i in range(30)] + ["ray item 0 | oak "
-                                                                                             "bookcase with 2 shelves"]
+    texts = [f"ray item {i} | oak bookcase with {i % 5 + 2} shelves" for i in range(29)] + [zero_tail_text(), "ray "
+                                                                                "item 0 | oak bookcase with 2 shelves"]
     st = warm_item_vectors(model, tmp_path / "ck", texts, tmp_path / "art", num_cpus=0.5, batch_rows=8)
     assert st["texts"] == 31 and st["cached"] == 0 and st["encoded"] == 30
     want = dense.encode_items(model, texts)

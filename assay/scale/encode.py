@@ -86,7 +86,10 @@ def _fill(stage, spec: dict, texts: list[str], artifacts: Path, key: str, dim: i
     uniq, first = np.unique(shas[missing], return_index=True)
     stats = {"texts": len(texts), "cached": int(found.sum()), "encoded": int(len(uniq)), "seconds": 0.0}
     if len(uniq):
-        tbl = pa.table({"sha": pa.array(uniq.tolist(), pa.binary(16)),
+        # from the raw 16-byte rows: numpy's bytes scalars (and .tolist()) drop a digest's trailing zero bytes
+        sha_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(uniq),
+                                                       [None, pa.py_buffer(np.ascontiguousarray(uniq).tobytes())])
+        tbl = pa.table({"sha": sha_col,
                         "text": pa.array([texts[missing[i]] for i in first], pa.string())})
         ds = ray.data.from_arrow(tbl).map_batches(stage, fn_constructor_kwargs={"spec": spec},
                                                   batch_format="pyarrow", batch_size=batch_rows,
