@@ -27,12 +27,14 @@ def built_once(tmp_path_factory, name: str, build):
     first worker that needs it builds it under a file lock in the session's shared temp root, the others wait for it
     and reuse the folder and the returned value (Paths, dicts and lists, kept as JSON). Without xdist it is a plain
     session build. What it builds is a master: tests copy it before they write."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
+    worker, keep = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("ASSAY_TEST_SHARED")
+    if not worker and not keep:
         return build(tmp_path_factory.mktemp(name))
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "shared"
+    # ASSAY_TEST_SHARED=<folder> keeps the masters between sessions while one works on a test (delete the folder
+    # after changing code that builds them: nothing checks that they are current)
+    root = Path(keep) if keep else tmp_path_factory.getbasetemp().parent / "shared"
     root.mkdir(exist_ok=True)
     folder, done = root / name, root / f"{name}.json"
     with FileLock(str(root / f"{name}.lock")):

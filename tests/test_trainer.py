@@ -317,7 +317,7 @@ def test_retrieval_validation_searches_the_whole_catalog():
 CURRICULUM_TEST_LR = 2e-4
 
 
-def test_curriculum_trains_selects_and_records(curriculum_ws):
+def test_curriculum_trains_selects_and_records(curriculum_ws, monkeypatch):
     from assay.trainer import run as run_train
 
     # each stage's 4 steps at a learning rate high enough to move the tiny model (at 5e-5 none is kept)
@@ -357,12 +357,14 @@ def test_curriculum_trains_selects_and_records(curriculum_ws):
     # the command prints each stage's validation gain with its interval in the ablation table
     import re
 
+    from rich.console import Console
     from typer.testing import CliRunner
 
-    from assay.cli import app
+    from assay import cli
 
-    r = CliRunner().invoke(app, ["train", "-w", str(curriculum_ws), "-q", *[a for x in TINY_SET for a in ("--set", x)]],
-                           env={"COLUMNS": "250"})
+    # a wide console of its own: assay.cli's is sized when imported, from COLUMNS if the environment sets it
+    monkeypatch.setattr(cli, "console", Console(width=250))
+    r = CliRunner().invoke(cli.app, ["train", "-w", str(curriculum_ws), "-q", *[a for x in TINY_SET for a in ("--set", x)]])
     assert r.exit_code == 0, r.output
     gains = re.findall(r"stage 1[+23]* +│ 0\.\d{4} +│ \d+ +│ [+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] P [01]\.\d\d"
                        r" +│ [01]\.\d{4} +│ - +│ - +│ - ", r.output)
