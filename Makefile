@@ -9,7 +9,8 @@ SUM     := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 STAMP   := $(VENV)/.installed-test-$(SUM)
 DEMO_STAMP := $(VENV)/.installed-demo-$(SUM)
 PYTEST_ARGS ?=
-# pytest-xdist workers: each test runs on one OpenMP thread (tests/conftest.py), so two workers keep two cores busy
+# pytest-xdist workers: each test runs on one OpenMP thread (tests/conftest.py), so two workers keep two cores busy;
+# tests are sent one at a time, longest first (tests/conftest.py: MEASURED_SECONDS, ONE_WORKER_FILES)
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean chromium
@@ -49,7 +50,7 @@ chromium:
 # Each test file runs whole on one worker (its module fixtures are built once); the session's worlds, mined and
 # labeled workspaces and trained judges are built once and shared by both workers (tests/conftest.py built_once).
 test: install chromium
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py

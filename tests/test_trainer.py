@@ -37,16 +37,19 @@ def tiny_cfg(**over) -> TrainConfig:
     return TrainConfig(**{**TINY, **over})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def curriculum_master(labeled_master, tmp_path_factory) -> Path:
-    """The labeled workspace after `assay curriculum`, built once for this module."""
+    """The labeled workspace after `assay curriculum`, built once per session (shared by both workers)."""
     from assay.curriculum import run as run_curriculum
-    from conftest import copy_ws
+    from conftest import built_once, copy_ws
 
-    ws = copy_ws(labeled_master, tmp_path_factory.mktemp("curr") / "ws")
-    with Store.open(ws) as store:
-        run_curriculum(CurriculumConfig(), store)
-    return ws
+    def build(folder: Path) -> Path:
+        ws = copy_ws(labeled_master, folder / "ws")
+        with Store.open(ws) as store:
+            run_curriculum(CurriculumConfig(), store)
+        return ws
+
+    return built_once(tmp_path_factory, "curriculum", build)
 
 
 @pytest.fixture()
