@@ -300,6 +300,10 @@ class AnnotateConfig(Section):
     min_support: int = Field(5, ge=1, description="calibration pairs a judge must accept for a grade before a threshold "
                                                   "for that grade is fitted")
     batch_size: int = Field(256, ge=1, description="pairs per resumable batch")
+    signal_window: int = Field(100_000, ge=1, description="pending pairs whose mining signals a features judge reads "
+                                                          "from the workspace in one query (rounded up to whole "
+                                                          "batches); read once per batch instead, the scans of the "
+                                                          "mined tables grew with pairs x pairs / batch_size")
     sources: list[Literal["candidates", "negatives"]] = Field(["candidates", "negatives"])
     max_pairs: int | None = Field(None, ge=1, description="annotate at most this many pending pairs per launch")
     max_attempts: int = Field(3, ge=1, description="tries `assay run` gives a pair that fails (no judge could grade it: "

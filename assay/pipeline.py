@@ -41,7 +41,7 @@ META_KEY = "pipeline"
 
 # Where a step's work runs changes none of its results (tests/test_ray.py: the same grades and vectors on Ray as
 # locally), so moving a step to Ray does not make it, or the steps after it, stale.
-WHERE_IT_RUNS = {"mining": ("engine", "ray_encoders"), "annotate": ("engine", "ray"), "serve": ("engine", "ray_encoders")}
+WHERE_IT_RUNS = {"mining": ("engine", "ray_encoders"), "annotate": ("engine", "ray", "signal_window"), "serve": ("engine", "ray_encoders")}
 
 
 def _sections(cfg: AssayConfig, *names: str) -> str:

@@ -190,3 +190,33 @@ def test_features_judge_defaults():
     assert JudgeConfig(**{**CFG, "stuffed_negatives": 0.0}).stuffed_negatives == 0.0
     ce = JudgeConfig(name="ce", kind="cross_encoder", model="all-MiniLM-L6-v2")
     assert ce.stuffed_negatives == 0.0  # classifier judges keep theirs off
+
+
+def test_signals_read_once_for_a_window_equal_the_reads_per_batch(trained, monkeypatch):
+    """`assay annotate` reads a features judge's mining signals once per window of pending pairs
+    (annotate.signal_window), not once per batch, where the scans of the mined tables grew with pairs x pairs /
+    batch size (the 100k-item world of bench_scale): the features are the same, no batch reads the workspace,
+    and after the launch the judge reads the workspace again."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from assay.annotate.batches import read_signals_once
+    from assay.annotate.judges import features as fmod
+
+    ws, cfg, _ = trained
+    with Store.open(ws, read_only=True) as s:
+        judge = FeaturesJudge.load(cfg, s.artifacts)
+        judge.bind(s)
+        pairs = human_pairs(s, "eval")[0] + human_pairs(s, "train")[0][:100]
+        direct = judge.features(pairs)
+        assert np.isfinite(direct[:, 0]).sum() > 20  # some pairs were mined: their signals are values, not NaN
+        part = pa.table({"query_id": [p.query_id for p in pairs], "item_id": [p.item_id for p in pairs]})
+        read_signals_once(SimpleNamespace(judges=[judge]), s, part)
+        with monkeypatch.context() as m:
+            m.setattr(fmod, "read_signals", lambda *a: pytest.fail("a batch read the workspace"))
+            windowed = np.concatenate([judge.features(pairs[i:i + 16]) for i in range(0, len(pairs), 16)])
+        judge.clear_signals()
+        assert np.array_equal(judge.features(pairs), direct, equal_nan=True)
+    assert np.array_equal(windowed, direct, equal_nan=True)
+

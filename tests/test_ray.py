@@ -90,8 +90,8 @@ def _assert_exactly(ws, keys: set) -> None:
 def test_ray_grades_equal_local_and_commit_twice_changes_nothing(local_ray, ws, tmp_path):
     other = copy_ws(ws, tmp_path / "local_ws")
     cfg = acfg(max_pairs=400)
-    with Store.open(other) as s:
-        local = batches.run(cfg, s, progress=False)
+    with Store.open(other) as s:  # the local engine reads the mining signals in four windows of 128 pairs
+        local = batches.run(cfg.model_copy(update={"batch_size": 64, "signal_window": 100}), s, progress=False)
     out = _scale_run(ws, cfg)
     assert out["engine"] == "ray" and out["annotated"] == local["annotated"] == 400
     assert out["execute"]["shards"] == 3 and out["commit"]["committed"] == ["00000", "00001", "00002"]

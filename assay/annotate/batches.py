@@ -158,6 +158,21 @@ def estimate(cfg: AnnotateConfig, store: Store) -> dict:
             "no calibration yet: every judge assumed to see every pair"}
 
 
+def read_signals_once(cascade, store: Store, part) -> None:
+    """Give each features judge of ``cascade`` the mining signals of the pairs in ``part`` (the next window of
+    pending pairs) in one read of the workspace, which its batches then look up."""
+    from assay.annotate.judges.features import SIGNALS, FeaturesJudge, read_signals
+
+    judges = [j for j in cascade.judges if isinstance(j, FeaturesJudge)]
+    if not judges or not part.num_rows:
+        return
+    qids, iids = part.column("query_id").to_pylist(), part.column("item_id").to_pylist()
+    sig = read_signals(store, qids, iids)
+    values = np.column_stack([sig.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in SIGNALS])
+    for judge in judges:
+        judge.use_signals(list(zip(qids, iids)), values, store.artifacts)
+
+
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bool = False,
         stop_after_batches: int | None = None, judges: list | None = None,
         skip: set[tuple[str, str]] | None = None) -> dict:
@@ -187,7 +202,10 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bo
     with store.run("annotate", {"annotate": cfg.model_dump(mode="json"), "cascade_sha": cascade.sha},
                    models={j.name: judge.model_id for j, judge in zip(cfg.judges, cascade.judges)}) as run_id:
         bar = tqdm(total=n, desc="annotate", unit=" pair", disable=not progress)
+        window = -(-cfg.signal_window // cfg.batch_size) * cfg.batch_size
         for lo in range(0, n, cfg.batch_size):
+            if lo % window == 0:
+                read_signals_once(cascade, store, todo.slice(lo, window))
             chunk = todo.slice(lo, cfg.batch_size)
             pairs = pairs_from_arrow(chunk)
             batch_id = digest([cascade.sha, pairs[0].query_id, pairs[0].item_id, pairs[-1].query_id,
@@ -211,6 +229,9 @@ def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bo
             if stop_after_batches is not None and done_batches >= stop_after_batches:
                 raise Interrupted(f"stopped after {done_batches} batches (test hook)")
         bar.close()
+        for judge in cascade.judges:  # later callers of these judges read the workspace as it is then
+            if hasattr(judge, "clear_signals"):
+                judge.clear_signals()
         secs = time.perf_counter() - t_start
         after = count_work(store, cfg.sources, cascade.sha)
         summary = {

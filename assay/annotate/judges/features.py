@@ -273,6 +273,10 @@ class FeaturesJudge:
         self._signals = ({k: r for r, k in enumerate(keys)}, np.asarray(values, dtype=np.float32))
         self.artifacts = Path(artifacts)
 
+    def clear_signals(self) -> None:
+        """Read the signals from the bound workspace again (after :meth:`use_signals`)."""
+        self._signals = None
+
     # -- features -------------------------------------------------------------------------------
 
     def _cosine(self, pairs: Sequence[Pair]) -> np.ndarray:
