@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
-from assay.annotate.base import PAIR_COLUMNS, Pair
+from assay.annotate.base import Pair
 from assay.annotate.judges import _trees
 from assay.annotate.judges._classifier import JudgeNotReady
 from assay.annotate.judges.features import LEGACY_FILE, MODEL_FILE, FeaturesJudge
@@ -211,7 +211,7 @@ def test_signals_read_once_for_a_window_equal_the_reads_per_batch(trained, monke
         pairs = human_pairs(s, "eval")[0] + human_pairs(s, "train")[0][:100]
         direct = judge.features(pairs)
         assert np.isfinite(direct[:, 0]).sum() > 20  # some pairs were mined: their signals are values, not NaN
-        part = pa.table({c: [getattr(p, c) for p in pairs] for c in PAIR_COLUMNS})
+        part = pa.table({"query_id": [p.query_id for p in pairs], "item_id": [p.item_id for p in pairs]})
         read_signals_once(SimpleNamespace(judges=[judge]), s, part)
         with monkeypatch.context() as m:
             m.setattr(fmod, "read_signals", lambda *a: pytest.fail("a batch read the workspace"))

@@ -160,9 +160,7 @@ def estimate(cfg: AnnotateConfig, store: Store) -> dict:
 
 def read_signals_once(cascade, store: Store, part) -> None:
     """Give each features judge of ``cascade`` the mining signals of the pairs in ``part`` (the next window of
-    pending pairs) in one read of the workspace, and their embedding cosine in one pass over the embedding cache,
-    which its batches then look up. Per batch, both grew with pairs x pairs / batch size: each signal read scanned
-    the mined tables, and each cache lookup read every cache shard, one more for each batch that encoded."""
+    pending pairs) in one read of the workspace, which its batches then look up."""
     from assay.annotate.judges.features import SIGNALS, FeaturesJudge, read_signals
 
     judges = [j for j in cascade.judges if isinstance(j, FeaturesJudge)]
@@ -171,9 +169,8 @@ def read_signals_once(cascade, store: Store, part) -> None:
     qids, iids = part.column("query_id").to_pylist(), part.column("item_id").to_pylist()
     sig = read_signals(store, qids, iids)
     values = np.column_stack([sig.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in SIGNALS])
-    pairs = pairs_from_arrow(part)
     for judge in judges:
-        judge.use_signals(list(zip(qids, iids)), values, store.artifacts, cosine=judge.cosine(pairs))
+        judge.use_signals(list(zip(qids, iids)), values, store.artifacts)
 
 
 def run(cfg: AnnotateConfig, store: Store, *, progress: bool = True, dry_run: bool = False,

@@ -266,14 +266,11 @@ class FeaturesJudge:
         self.store = store
         self.artifacts = store.artifacts
 
-    def use_signals(self, keys: Sequence[tuple[str, str]], values: np.ndarray, artifacts: Path,
-                    cosine: np.ndarray | None = None) -> None:
+    def use_signals(self, keys: Sequence[tuple[str, str]], values: np.ndarray, artifacts: Path) -> None:
         """Read the workspace signals from ``values`` ((n, len(SIGNALS)) float, NaN where missing; row k belongs to
         ``keys[k]`` = (query_id, item_id)) instead of the workspace: a Ray worker, which never opens it.
-        ``artifacts`` holds the embedding cache the cosine feature reads; ``cosine`` ((n,), optional) is that
-        feature already computed for the same keys (`assay annotate` computes it once per window of pairs)."""
-        self._signals = ({k: r for r, k in enumerate(keys)}, np.asarray(values, dtype=np.float32),
-                         None if cosine is None else np.asarray(cosine, dtype=np.float32))
+        ``artifacts`` holds the embedding cache the cosine feature reads."""
+        self._signals = ({k: r for r, k in enumerate(keys)}, np.asarray(values, dtype=np.float32))
         self.artifacts = Path(artifacts)
 
     def clear_signals(self) -> None:
@@ -281,10 +278,6 @@ class FeaturesJudge:
         self._signals = None
 
     # -- features -------------------------------------------------------------------------------
-
-    def cosine(self, pairs: Sequence[Pair]) -> np.ndarray:
-        """The embedding cosine of query and item text per pair (NaN with ``model: none``), through the cache."""
-        return self._cosine(pairs)
 
     def _cosine(self, pairs: Sequence[Pair]) -> np.ndarray:
         if str(self.cfg.model).lower() == "none":
@@ -335,20 +328,17 @@ class FeaturesJudge:
         if n == 0:
             return np.zeros((0, len(names)), dtype=np.float32)
         x = np.full((n, len(names)), np.nan, dtype=np.float32)
-        cosine = None
         if self._signals is not None:
-            rows, values, cos = self._signals
+            rows, values = self._signals
             try:
-                idx = [rows[(p.query_id, p.item_id)] for p in pairs]
+                x[:, :len(SIGNALS)] = values[[rows[(p.query_id, p.item_id)] for p in pairs]]
             except KeyError as e:
                 raise KeyError(f"judge {self.name!r}: no precomputed signals for pair {e.args[0]}") from None
-            x[:, :len(SIGNALS)] = values[idx]
-            cosine = None if cos is None else cos[idx]
         else:
             tbl = read_signals(self.store, [p.query_id for p in pairs], [p.item_id for p in pairs])
             for c in SIGNALS:
                 x[:, FEATURES.index(c)] = tbl.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
-        x[:, FEATURES.index("cosine")] = self._cosine(pairs) if cosine is None else cosine
+        x[:, FEATURES.index("cosine")] = self._cosine(pairs)
         x[:, FEATURES.index("q_tokens"):len(BASE_FEATURES)] = text_features(pairs)
         if self.cfg.stuffing_features:
             x[:, len(BASE_FEATURES):] = stuffing_features(pairs, self.manifest.get("typical_title_tokens"))
