@@ -187,3 +187,42 @@ def test_bad_mining_config_and_empty_workspace_errors(tmp_path):
     with Store.open(tmp_path / "empty") as s:
         with pytest.raises(ValueError, match="no products; run `assay ingest` first"):
             mine(MiningConfig(), s, progress=False)
+
+
+def test_embedding_cache_index_finds_every_shard_and_what_another_process_adds(tmp_path):
+    """The embedding cache keeps one sorted index of its shards per process (a lookup read every shard file before,
+    which grew with lookups x shards): vectors come back from the right shard, the first shard wins a digest two
+    shards hold, a shard another process writes is found, and a folder made again is a new cache."""
+    import subprocess
+    import sys
+
+    from assay.encode import EmbeddingCache
+    from assay.text import text_shas
+
+    rng = np.random.default_rng(0)
+    texts = [f"item {i}" for i in range(300)]
+    shas, vecs = text_shas(texts), rng.normal(size=(300, 4)).astype(np.float32)
+    cache = EmbeddingCache(tmp_path, "k")
+    for lo in range(0, 200, 50):  # four shards, added by this process
+        cache.add(shas[lo:lo + 50], vecs[lo:lo + 50])
+    cache.add(shas[:10], vecs[:10] + 1)  # a later shard with digests already held: the first one wins
+    pick = rng.permutation(300)
+    out, found = EmbeddingCache(tmp_path, "k").lookup(shas[pick], 4)
+    assert found.tolist() == (pick < 200).tolist()
+    assert np.array_equal(out[found], vecs[pick[found]]) and not out[~found].any()
+    # another process adds the rest
+    code = ("import sys, numpy as np; from pathlib import Path; from assay.encode import EmbeddingCache; "
+            "from assay.text import text_shas; v = np.load(sys.argv[2]); "
+            "EmbeddingCache(Path(sys.argv[1]), 'k').add(text_shas([f'item {i}' for i in range(200, 300)]), v)")
+    np.save(tmp_path / "rest.npy", vecs[200:])
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "rest.npy")], check=True)
+    out, found = cache.lookup(shas[pick], 4)
+    assert found.all() and np.array_equal(out, vecs[pick])
+    # the folder removed and made again: nothing of the old index is returned
+    import shutil
+
+    shutil.rmtree(tmp_path / "embeddings")
+    assert not EmbeddingCache(tmp_path, "k").lookup(shas, 4)[1].any()
+    again = EmbeddingCache(tmp_path, "k")  # the same shard name written again by this process, other vectors
+    again.add(shas[:50], vecs[:50] * 2)
+    assert np.array_equal(EmbeddingCache(tmp_path, "k").lookup(shas[:50], 4)[0], vecs[:50] * 2)
