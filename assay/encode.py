@@ -197,9 +197,13 @@ class EmbeddingCache:
         ix["shas"], ix["shard"], ix["row"] = cat[order], np.concatenate(shard)[order], np.concatenate(row)[order]
 
     def _refresh(self) -> None:
-        new = [(s, v) for s, v in self._shards() if s.name not in self._ix["seen"]]
+        """Merge the shards this process has not read: one listing of the folder, no stat per file."""
+        names = set(os.listdir(self.dir))
+        new = sorted(n for n in names if n.startswith("shard-") and n.endswith(".sha.npy")
+                     and n not in self._ix["seen"] and n.replace(".sha.npy", ".vec.npy") in names)
         if new:
-            self._merge([(s, np.load(s, allow_pickle=False), v) for s, v in new])
+            self._merge([(self.dir / n, np.load(self.dir / n, allow_pickle=False),
+                          self.dir / n.replace(".sha.npy", ".vec.npy")) for n in new])
 
     def _find(self, shas: np.ndarray, out: np.ndarray, found: np.ndarray) -> None:
         ix = self._ix
@@ -228,7 +232,7 @@ class EmbeddingCache:
     def add(self, shas: np.ndarray, vecs: np.ndarray) -> None:
         if not len(shas):
             return
-        n = len(list(self.dir.glob("shard-*.sha.npy")))
+        n = sum(n.endswith(".sha.npy") for n in os.listdir(self.dir))
         base = self.dir / f"shard-{n:06d}-{os.getpid()}"
         for suffix, arr in ((".vec.npy", vecs.astype(np.float32)), (".sha.npy", shas)):
             tmp = base.with_name(base.name + suffix + ".tmp")
