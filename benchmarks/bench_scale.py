@@ -11,9 +11,9 @@ world and runs, timing each stage's wall time and sampling its peak resident mem
 Then it fits each stage's growth exponent b in t = a * n^b by least squares on log-log over the sizes, and prints
 Ray's overhead as the ratio ray / local of the annotate wall time, measured in the same run.
 
-Not measured here (kept out to fit a shared 2-core machine): train steps/s and export-index (their cost does not
-grow with the catalog the same way: train is per step, export-index encodes every item once, as mining's ANN
-channel does), and 1M items.
+Then the binary baseline for --train-steps steps (steps/s at the default batch; a step's cost does not grow with
+the catalog, its validation does) and export-index of an uncached checkpoint (every item encoded once, as mining's
+ANN channel does, and the default index built).
 
     flock /tmp/assay-cpu.lock .venv/bin/python benchmarks/bench_scale.py --sizes 2000 5000 10000
 """
@@ -76,7 +76,38 @@ def fit_exponent(sizes: list[int], secs: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
 
 
-def one_size(n: int, root: Path, ray_cpus: int) -> dict:
+def train_and_export(store, ckpt: Path, steps: int) -> dict:
+    """The binary baseline for ``steps`` steps at the default batch (its wall time includes loading the examples
+    and validating the base encoder and the last step on 20 validation queries), then ``export-index`` of a
+    checkpoint whose vectors no cache holds yet: every item encoded by the item tower (int8 ONNX, after its guard)
+    and the default index built."""
+    from assay.config import AssayConfig, ModelsConfig, TrainConfig
+    from assay.serving.index import export
+    from assay.trainer import run as train
+    from assay.trainer.run import _new_model
+
+    d = TrainConfig().model_dump(mode="json")
+    per = max(1, steps // len(d["stages"]))
+    for st in d["stages"]:
+        st["steps"] = per
+    d.update(eval_every=per * len(d["stages"]), checkpoint_every=per * len(d["stages"]), val_max_queries=20)
+    tcfg = TrainConfig(**d)
+    out = {}
+    with Peak() as p:
+        train(tcfg, store, ModelsConfig(backend="torch"), baseline="binary", progress=False)
+    out["train.binary"] = {"s": p.seconds, "mb": p.peak, "steps": per * len(d["stages"]),
+                           "steps_per_s": per * len(d["stages"]) / p.seconds}
+    _new_model(tcfg, ModelsConfig()).save(ckpt)  # the base towers as a checkpoint: no vector of it is cached
+    with Peak() as p:
+        e = export(AssayConfig(), store, checkpoint=str(ckpt), progress=False)
+    out["export-index"] = {"s": p.seconds, "mb": p.peak}
+    for k in ("encode", "build"):
+        out[f"export-index.{k}"] = {"s": e[f"{k}_seconds"], "mb": None}
+    out["export-index"]["kind"] = e["kind"]
+    return out
+
+
+def one_size(n: int, root: Path, ray_cpus: int, train_steps: int = 30) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_ray import acfg
 
@@ -117,6 +148,7 @@ def one_size(n: int, root: Path, ray_cpus: int) -> dict:
         with Peak() as p:
             curriculum(CurriculumConfig(), store)
         out["curriculum"] = {"s": p.seconds, "mb": p.peak}
+        out.update(train_and_export(store, root / f"ckpt-{n}", train_steps))
     with Store.open(ray_ws) as store:
         with Peak() as p:
             r = scale_run.run(cfg, store, progress=False)
@@ -130,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000])
     ap.add_argument("--ray-cpus", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=30, help="steps of the timed binary baseline")
     ap.add_argument("--keep", type=Path, default=None, help="keep the worlds and workspaces here")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -139,7 +172,12 @@ def main() -> None:
              log_to_driver=False)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    results = [one_size(n, root, args.ray_cpus) for n in sorted(args.sizes)]
+    results = []
+    for n in sorted(args.sizes):  # printed as each size finishes, so a long run shows what it has
+        results.append(one_size(n, root, args.ray_cpus, args.train_steps))
+        print(json.dumps(results[-1]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
     stages = [k for k in results[0] if isinstance(results[0][k], dict)]
     sizes = [r["items"] for r in results]
     print(f"\nbench_scale: {', '.join(f'{n:,}' for n in sizes)} items (queries = items / 10); wall seconds "
@@ -153,6 +191,8 @@ def main() -> None:
             cells.append("-" if v is None else f"{v['s']:.1f}" + (f" ({v['mb']:.0f})" if v.get("mb") else ""))
         b = fit_exponent(sizes, [r.get(st, {}).get("s") for r in results])
         print(f"| {st} | " + " | ".join(cells) + f" | {'-' if b is None else f'{b:.2f}'} |")
+    print("| train steps/s (binary, default batch) | " + " | ".join(f"{r['train.binary']['steps_per_s']:.2f}"
+                                                                  for r in results) + " | |")
     print("| Ray overhead (annotate ray / local) | " + " | ".join(f"{r['ray_overhead']:.2f}x" for r in results)
           + " | |")
     if args.json:
