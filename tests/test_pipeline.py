@@ -49,7 +49,7 @@ def tiny_config(**serve) -> AssayConfig:
              "max_train_pairs": 300, "learning_rate": 3e-4}]},
         "label_request": {"n": 150},
         "curriculum": {"val_fraction": 0.2, "test_fraction": 0.2},
-        "train": {"batch_queries": 8, "group_size": 2, "eval_every": 4, "checkpoint_every": 4, "val_max_queries": 10,
+        "train": {"batch_queries": 8, "group_size": 2, "eval_every": 2, "checkpoint_every": 2, "val_max_queries": 20,
                   "val_pool_per_query": 10, "random_pool": 500, "baseline_steps": 4,
                   "stages": [{"pos_tiers": [1], "neg_tiers": [5], "loss": "bce", "steps": 4, "learning_rate": 1e-4},
                              {"pos_tiers": [1, 2], "neg_tiers": [3, 4], "loss": "mnr", "steps": 4,
