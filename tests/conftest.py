@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # test not listed counts 1 s), so that both workers finish at about the same time instead of one running the last
 # long file alone. The numbers only order the work; a stale one costs time, never a result.
 ONE_WORKER_FILES = {"test_ray.py", "test_serving.py", "test_features_judge.py", "test_inference.py", "test_audit.py",
-                    "test_label_quality.py"}
+                    "test_label_quality.py", "test_judges.py"}
 MEASURED_SECONDS = {
     "test_main_job_runs_skips_when_current_and_reruns_what_changed": 341,
     "test_curriculum_on_real_cascade_labels_tiers_pairs_by_their_true_relevance": 261,

@@ -428,9 +428,9 @@ def test_baselines_share_the_step_budget(curriculum_ws):
 
     with Store.open(curriculum_ws) as store:
         # binary selects its step on retrieval validation (its top 10 of the validation catalog: every labeled item
-        # of the validation queries plus 100 random ones, all encoded at each validation: profiled, 85% of this
-        # test's time went there with 8 queries, 2,000 random items and a validation every 2 steps)
-        retrieval = {"val_metric": "retrieval", "val_catalog_random": 100, "val_max_queries": 4, "eval_every": 4}
+        # of the validation queries plus 100 random ones, all encoded at each validation: profiled, half of this
+        # test's time went there with 4 queries and a validation every 4 steps, so 2 queries, every 6 steps)
+        retrieval = {"val_metric": "retrieval", "val_catalog_random": 100, "val_max_queries": 2, "eval_every": 6}
         out = {b: run_train(tiny_cfg(**(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
                             progress=False) for b in ("click", "binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
