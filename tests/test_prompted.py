@@ -544,3 +544,150 @@ def test_vllm_backend_annotates():
     out = judge.predict(RELEVANT + IRRELEVANT)
     assert sum(s in (OK, OK_JSON) for s in out.parse_status) >= len(out.raw) - 1
     assert (out.tokens > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring: likelihood (query likelihood after the product, against the query alone)
+# ----------------------------------------------------------------------------------------------------
+def test_probs_from_pmi_is_an_ordered_logit():
+    from assay.annotate.parse import probs_from_pmi
+
+    cut = [0.0, 1.0, 2.0, 3.0]
+    rows = np.stack([probs_from_pmi(s, cut) for s in np.linspace(-3, 6, 37)])
+    assert np.allclose(rows.sum(axis=1), 1, atol=1e-6) and (rows >= 0).all()
+    expected = rows @ GRADES
+    assert (np.diff(expected) > 0).all()  # a higher score never lowers the grade
+    assert rows[0].argmax() == 0 and rows[-1].argmax() == 4
+    with pytest.raises(ValueError, match="increasing"):
+        probs_from_pmi(1.0, [0.0, 2.0, 1.0, 3.0])
+    with pytest.raises(ValueError, match="must increase"):
+        prompted_cfg(scoring="likelihood", likelihood_cutpoints=[0, 0, 1, 2])
+    with pytest.raises(ValueError, match="vllm serve"):
+        prompted_cfg(scoring="likelihood", backend="vllm")
+
+
+@pytest.fixture(scope="session")
+def likelihood_judge():
+    judge = get_judge("prompted").load(prompted_cfg(name="smol-ql", scoring="likelihood"), None)
+    yield judge
+    judge.close()
+
+
+def _world_pairs(world, n: int, seed: int = 0) -> tuple[list[Pair], np.ndarray]:
+    """``n`` human-labelled pairs graded 3-4 and ``n`` graded 0-1 of the simulated world's files, seeded."""
+    import pandas as pd
+
+    labels = pd.read_csv(world / "human_labels.csv", dtype={"query_id": str, "item_id": str})
+    q = pd.read_csv(world / "queries.csv", dtype=str).set_index("query_id")["text"]
+    p = pd.read_csv(world / "products.csv", dtype=str, keep_default_na=False).set_index("item_id")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sel in (labels.grade >= 3, labels.grade <= 1):
+        rows += rng.choice(np.flatnonzero(sel.to_numpy()), n, replace=False).tolist()
+    picked = labels.iloc[sorted(rows, key=lambda i: labels.query_id.iloc[i])]
+    pairs = [Pair(r.query_id, r.item_id, q[r.query_id], p.at[r.item_id, "title"], p.at[r.item_id, "description"],
+                  p.at[r.item_id, "brand"], p.at[r.item_id, "category"], p.at[r.item_id, "attributes"])
+             for r in picked.itertuples()]
+    return pairs, picked.grade.to_numpy()
+
+
+def test_likelihood_scoring_grades_relevant_pairs_above_irrelevant(likelihood_judge, tiny_world):
+    """The packaged SmolLM2-135M asked for a grade is at chance (measured: expected grade 3.06 for relevant pairs,
+    3.12 for irrelevant ones); scored by query likelihood it ranks them apart. Human-labelled pairs of the test world:
+    25 graded 3-4 and 25 graded 0-1."""
+    pairs, grades = _world_pairs(tiny_world, 25)
+    out = likelihood_judge.predict(pairs)
+    assert out.parse_status == [OK] * len(pairs) and np.allclose(out.probs.sum(axis=1), 1, atol=1e-5)
+    assert all(r.startswith("pmi/token ") for r in out.raw)
+    e, rel = out.probs @ GRADES, grades >= 3
+    auc = float(np.mean(e[rel][:, None] > e[~rel][None, :]))
+    print(f"\nlikelihood scoring, {len(pairs)} human-labelled pairs: expected grade {e[rel].mean():.2f} (graded 3-4) "
+          f"against {e[~rel].mean():.2f} (graded 0-1), AUC {auc:.3f}")
+    assert e[rel].mean() > e[~rel].mean() + 0.3 and auc >= 0.7
+    # the judge's own numbers: its score is the PMI per query token, and the probabilities follow from it
+    from assay.annotate.parse import probs_from_pmi
+
+    assert np.allclose(out.probs[0], probs_from_pmi(float(out.extra["pmi"][0]), likelihood_judge.cfg.likelihood_cutpoints))
+    # a text longer than the context fails alone, with its reason (the template's truncation keeps pairs inside)
+    bad = likelihood_judge.backend.loglik([("mug " * 3000, " red mug"), ("Product: red mug\nQuery:", " red mug")])
+    assert bad[0].error and "n_ctx" in bad[0].error and bad[1].error is None and bad[1].tokens > 0
+    again = likelihood_judge.predict([pairs[3], pairs[0]])
+    assert again.extra["pmi"][1] == pytest.approx(out.extra["pmi"][0], abs=1e-3)  # kv prefix reuse changes no score
+
+
+class CompletionsServer:
+    """A loopback ``/v1/completions`` that echoes prompt logprobs the way the OpenAI API and ``vllm serve`` define
+    them (each token's logprob given the tokens before it, None for the first), computed by the real packaged
+    SmolLM2 through llama-cpp-python. (``llama_cpp.server`` itself returns each prompt token's logprob one position
+    late, abetlen/llama-cpp-python#1983, and llama.cpp's own server returns none, so neither can stand in.)
+    ``nologprobs`` in a prompt gets an answer without logprobs."""
+
+    def __init__(self):
+        import llama_cpp
+
+        from assay.models import resolve
+
+        llm = llama_cpp.Llama(model_path=resolve("smollm2-135m").path, n_ctx=2048, n_threads=1, logits_all=True,
+                              verbose=False)
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path.endswith("/completions") and req["echo"] and req["logprobs"] is not None
+                text = req["prompt"]
+                with lock:
+                    toks = llm.tokenize(text.encode(), add_bos=True, special=False)
+                    skip = len(llm.tokenize(b"", add_bos=True, special=False))  # a BOS the tokenizer adds
+                    llm.reset()
+                    llm.eval(toks)
+                    sc = np.asarray(llm.scores[: len(toks)], dtype=np.float64)
+                    lse = sc.max(axis=1) + np.log(np.exp(sc - sc.max(axis=1, keepdims=True)).sum(axis=1))
+                    # the text of the prompt's first k tokens, k = 0..n (a BOS is no text)
+                    upto = [llm.detokenize(toks[skip:k]).decode("utf-8", "ignore") for k in range(skip, len(toks) + 1)]
+                logprobs = {"tokens": [upto[j + 1][len(upto[j]):] for j in range(len(upto) - 1)],
+                            "token_logprobs": [None if k == 0 else float(sc[k - 1, toks[k]] - lse[k - 1])
+                                               for k in range(skip, len(toks))],
+                            "text_offset": [len(u) for u in upto[:-1]]}
+                body = json.dumps({"id": "c1", "object": "text_completion", "model": req["model"], "choices": [{
+                    "index": 0, "text": text + ".", "finish_reason": "length",
+                    "logprobs": None if "nologprobs" in text else logprobs}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.llm = llm
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.llm.close()
+
+
+def test_likelihood_scoring_over_http_equals_local(likelihood_judge, tiny_world):
+    """The openai backend's scores (``/v1/completions`` with echoed prompt logprobs, over real HTTP) equal the local
+    backend's for the same model; a server that sends no prompt logprobs fails those pairs with a clear reason."""
+    pairs, _ = _world_pairs(tiny_world, 3, seed=1)
+    local = likelihood_judge.predict(pairs)
+    with CompletionsServer() as srv:
+        judge = PromptedJudge.load(prompted_cfg(name="smol-ql-http", scoring="likelihood", backend="openai",
+                                                base_url=srv.url, concurrency=2, api_key_env="ASSAY_TEST_NO_SUCH_KEY"),
+                                   None)
+        remote = judge.predict(pairs)
+        broken = judge.predict([Pair("q1", "i1", "mug", "nologprobs mug")])
+    assert remote.parse_status == [OK] * len(pairs)
+    assert np.allclose(remote.extra["pmi"], local.extra["pmi"], atol=2e-3), (remote.extra["pmi"], local.extra["pmi"])
+    assert broken.parse_status == [FAILED] and "no prompt logprobs" in broken.raw[0]

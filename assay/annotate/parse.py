@@ -208,3 +208,16 @@ def grade_token_logprobs(tokens: Iterable[tuple[str, float, dict[str, float] | N
             return out
         text += tok
     return None
+
+
+def probs_from_pmi(pmi: float, cutpoints) -> np.ndarray:
+    """Grade probabilities from a query-likelihood score (``scoring: likelihood``: PMI in nats per query token): an
+    ordered logit of slope 1, ``P(grade >= k) = sigmoid(pmi - cutpoints[k - 1])`` for k = 1..4, so a higher score
+    moves mass to higher grades and never the other way. ``cutpoints`` must increase. Example: cutpoints
+    ``[0, 1, 2, 3]`` and a PMI of 2.5 give ``[0.076, 0.107, 0.195, 0.245, 0.378]``."""
+    c = np.asarray(cutpoints, dtype=np.float64)
+    if c.shape != (N_GRADES - 1,) or (np.diff(c) <= 0).any():
+        raise ValueError(f"cutpoints must be {N_GRADES - 1} increasing numbers, got {list(c)}")
+    at_least = np.concatenate([[1.0], 1.0 / (1.0 + np.exp(-(float(pmi) - c))), [0.0]])
+    return (at_least[:-1] - at_least[1:]).astype(np.float32)
+

@@ -10,6 +10,10 @@ and reads the logprobs at the grade token where it can. Contract of ``complete(p
 - ``grade_logprobs`` maps tokens ("0".."4", possibly other tokens too) to logprobs at the position
   where the grade digit was generated, or is None where the engine gives none.
 
+Backends that can score text (local, openai) also have ``loglik(items)`` for ``scoring: likelihood``: one
+:class:`LogLik` per ``(context, continuation)``, the continuation's log-probability after the context summed over
+its tokens, with the same contract (in order, a failed text comes back with ``error`` set, nothing raised).
+
 Backends (registry :data:`BACKENDS`, chosen by ``JudgeConfig.backend``):
 
 | name | runs | heavy dependency |
@@ -46,6 +50,13 @@ class Completion(NamedTuple):
     error: str | None  # why the call failed after retries; None on success
 
 
+class LogLik(NamedTuple):
+    logprob: float | None  # log P(continuation | context), summed over the continuation's tokens; None if failed
+    tokens: int | None  # the continuation's tokens
+    latency_ms: float
+    error: str | None  # why scoring failed after retries; None on success
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str  # registry name
@@ -72,4 +83,4 @@ def get_backend(cfg, **kwargs) -> Backend:
     return backend_class(cfg.backend)(cfg, **kwargs)
 
 
-__all__ = ["BACKENDS", "GRADE_SCHEMA", "Backend", "Completion", "backend_class", "get_backend"]
+__all__ = ["BACKENDS", "GRADE_SCHEMA", "Backend", "Completion", "LogLik", "backend_class", "get_backend"]

@@ -20,6 +20,11 @@
   2.3-2.6 (saving the state after every prompt costs about 0.1 s), hence the default.
 - One prompt at a time (a lock guards the model); a prompt that fails (too long for ``n_ctx``, say)
   returns ``Completion(error=...)`` and the others go on.
+- :meth:`LocalBackend.loglik` (``scoring: likelihood``): the model is loaded with ``logits_all=True`` (the output
+  layer runs at every prompt token; for SmolLM2-135M about a fifth more compute per token), each context and
+  continuation is evaluated once, and the continuation's logprobs are read off the rows before its tokens. The
+  ``kv`` and ``ram`` modes keep the tokens a text shares with the one evaluated before it; ``off`` evaluates each
+  from scratch.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 
 import numpy as np
 
-from assay.annotate.backends import GRADE_SCHEMA, Completion
+from assay.annotate.backends import GRADE_SCHEMA, Completion, LogLik
 from assay.store import redact_text
 
 log = logging.getLogger(__name__)
@@ -61,8 +66,9 @@ class LocalBackend:
         self.cfg = cfg
         self.model_id = f"{cfg.model}@local"
         self.prefix_cache = prefix_cache
-        self.llm = llama_cpp.Llama(model_path=r.path, n_ctx=cfg.n_ctx, n_threads=n_threads, logits_all=False,
-                                   verbose=False)
+        self.logits_all = getattr(cfg, "scoring", "generate") == "likelihood"
+        self.llm = llama_cpp.Llama(model_path=r.path, n_ctx=cfg.n_ctx, n_threads=n_threads,
+                                   logits_all=self.logits_all, verbose=False)
         if prefix_cache == "ram":
             self.llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=cache_bytes))
         self.grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(GRADE_SCHEMA), verbose=False)
@@ -76,6 +82,11 @@ class LocalBackend:
 
     def complete(self, prompts: list[str]) -> list[Completion]:
         return [self._one(p) for p in prompts]
+
+    def loglik(self, items: list[tuple[str, str]]) -> list[LogLik]:
+        """log P(continuation | context) for each (context, continuation), summed over the continuation's tokens
+        (see the module docstring); a text that fails (longer than ``n_ctx``) comes back with ``error`` set."""
+        return [self._loglik(c, x) for c, x in items]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -100,6 +111,37 @@ class LocalBackend:
         text = resp["choices"][0]["message"].get("content") or ""
         tokens = resp.get("usage", {}).get("total_tokens")
         return Completion(text, capture.get("logprobs"), tokens, ms, None)
+
+    def _loglik(self, context: str, continuation: str) -> LogLik:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                if not self.logits_all:
+                    raise RuntimeError("this local backend was loaded for generation; a judge with scoring: "
+                                       "likelihood loads its model with logits_all")
+                llm = self.llm
+                a = llm.tokenize(context.encode(), add_bos=True, special=False)
+                b = llm.tokenize(continuation.encode(), add_bos=False, special=False)
+                toks = a + b
+                if not b or len(toks) > llm.n_ctx():
+                    raise ValueError(f"{len(toks)} tokens ({len(b)} to score) do not fit n_ctx {llm.n_ctx()}"
+                                     if b else "nothing to score: the continuation has no tokens")
+                keep = 0
+                if self.prefix_cache != "off":  # reuse the states of the tokens shared with the last text
+                    have = llm.input_ids[: llm.n_tokens].tolist()
+                    while keep < min(len(have), len(toks) - 1) and have[keep] == toks[keep]:
+                        keep += 1
+                llm.n_tokens = keep  # eval drops the cached states after it
+                llm.eval(toks[keep:])
+                rows = np.asarray(llm.scores[len(a) - 1: len(toks) - 1], dtype=np.float64)  # row i predicts i + 1
+                m = rows.max(axis=1)
+                lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
+                lp = float((rows[np.arange(len(b)), b] - lse).sum())
+            except Exception as e:  # the contract: a failed text is returned, never raised
+                ms = (time.perf_counter() - t0) * 1e3
+                log.warning("local scoring failed: %s", redact_text(str(e)))
+                return LogLik(None, None, ms, f"{e.__class__.__name__}: {redact_text(str(e))[:300]}")
+        return LogLik(lp, len(b), (time.perf_counter() - t0) * 1e3, None)
 
     def _processor(self, capture: dict):
         """A logits processor that records the digit logprobs at the step after ``"grade":``."""

@@ -21,6 +21,11 @@ The API key is read from the environment variable ``cfg.api_key_env`` (``sk-no-k
 local servers). It is passed to the client only; it is never logged or stored: error texts (which servers
 may fill with the request's URL or headers) and the logged ``base_url`` go through ``assay.store.redact_text``.
 
+:meth:`OpenAIBackend.loglik` (``scoring: likelihood``) sends each context + continuation to ``/v1/completions``
+with ``echo=True, logprobs=1, max_tokens=1`` and sums the prompt logprobs of the tokens that start inside the
+continuation (``text_offset``); ``vllm serve`` and ``llama_cpp.server`` answer it, OpenAI's own API does not for its
+chat models (the 400 fails those pairs with its message). The same retries apply.
+
 :meth:`OpenAIBackend.complete` is synchronous: it runs :meth:`acomplete` in a fresh event loop with
 ``asyncio.run``; called from a thread that already runs a loop (a notebook, an async app) it runs
 that loop in a worker thread and blocks until done. Async callers use ``await backend.acomplete(...)``.
@@ -36,7 +41,7 @@ import os
 import random
 import time
 
-from assay.annotate.backends import GRADE_SCHEMA, Completion
+from assay.annotate.backends import GRADE_SCHEMA, Completion, LogLik
 from assay.annotate.parse import grade_token_logprobs
 from assay.store import redact_text
 
@@ -88,16 +93,20 @@ class OpenAIBackend:
     # -- public ---------------------------------------------------------------------------------------
     def complete(self, prompts: list[str]) -> list[Completion]:
         """One Completion per prompt, in order. Synchronous; see the module docstring."""
-        if not prompts:
-            return []
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.acomplete(prompts))
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:  # called from inside a running loop
-            return ex.submit(asyncio.run, self.acomplete(prompts)).result()
+        return _run_sync(self.acomplete(prompts)) if prompts else []
+
+    def loglik(self, items: list[tuple[str, str]]) -> list[LogLik]:
+        """One LogLik per (context, continuation), in order (see the module docstring). Synchronous."""
+        return _run_sync(self.aloglik(items)) if items else []
 
     async def acomplete(self, prompts: list[str]) -> list[Completion]:
+        return await self._each(prompts, self._one)
+
+    async def aloglik(self, items: list[tuple[str, str]]) -> list[LogLik]:
+        return await self._each(items, self._one_loglik)
+
+    async def _each(self, items: list, one) -> list:
+        """``one(client, sem, item, key)`` for every item, at most ``cfg.concurrency`` in flight, in order."""
         import openai
 
         key = os.environ.get(self.cfg.api_key_env) or "sk-no-key"
@@ -106,7 +115,7 @@ class OpenAIBackend:
                                     timeout=self.cfg.timeout_s)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         try:
-            return list(await asyncio.gather(*(self._one(client, sem, p, key) for p in prompts)))
+            return list(await asyncio.gather(*(one(client, sem, x, key) for x in items)))
         finally:
             await client.close()
 
@@ -118,7 +127,7 @@ class OpenAIBackend:
         async with sem:
             t0 = time.perf_counter()
             try:
-                resp = await self._with_retries(client, prompt)
+                resp = await self._with_retries(lambda: self._with_fallbacks(client, prompt))
             except Exception as e:  # the contract: a failed prompt is returned, never raised
                 self.stats["failed"] += 1
                 err = _describe(e, key)
@@ -131,13 +140,35 @@ class OpenAIBackend:
         tokens = getattr(usage, "total_tokens", None) if usage is not None else None
         return Completion(text if text is not None else "", _logprobs_of(choice), tokens, ms, None)
 
-    async def _with_retries(self, client, prompt: str):
+    async def _one_loglik(self, client, sem, item: tuple[str, str], key: str) -> LogLik:
+        context, continuation = item
+        text = context + continuation
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                resp = await self._with_retries(lambda: self._score_request(client, text))
+                lp, n = _continuation_logprob(resp.choices[0], len(context), len(text))
+            except Exception as e:  # the contract: a failed text is returned, never raised
+                self.stats["failed"] += 1
+                err = _describe(e, key)
+                log.warning("scoring failed after retries: %s", err)
+                return LogLik(None, None, (time.perf_counter() - t0) * 1e3, err)
+        return LogLik(lp, n, (time.perf_counter() - t0) * 1e3, None)
+
+    async def _score_request(self, client, text: str):
+        self.stats["requests"] += 1
+        return await asyncio.wait_for(
+            client.completions.create(model=self.model, prompt=text, max_tokens=1, temperature=0, echo=True,
+                                      logprobs=1, timeout=self.cfg.timeout_s), timeout=self.cfg.timeout_s)
+
+    async def _with_retries(self, attempt_once):
+        """``await attempt_once()`` (one request) until it answers, retrying what the module docstring lists."""
         import openai
 
         attempt = 0
         while True:
             try:
-                resp = await self._with_fallbacks(client, prompt)
+                resp = await attempt_once()
                 if not getattr(resp, "choices", None):
                     raise MalformedResponse("the server answered 200 without any choices")
                 return resp
@@ -205,6 +236,30 @@ class OpenAIBackend:
         self.stats["requests"] += 1
         return await asyncio.wait_for(client.chat.completions.create(**kwargs, timeout=self.cfg.timeout_s),
                                       timeout=self.cfg.timeout_s)
+
+
+def _run_sync(coro):
+    """Run ``coro`` to its end from synchronous code, also when the calling thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:  # called from inside a running loop
+        return ex.submit(asyncio.run, coro).result()
+
+
+def _continuation_logprob(choice, start: int, end: int) -> tuple[float, int]:
+    """(summed logprob, tokens) of the echoed prompt tokens that start at or after character ``start`` and before
+    ``end`` (the generated token after the prompt is left out)."""
+    lp = getattr(choice, "logprobs", None)
+    offsets, values = getattr(lp, "text_offset", None), getattr(lp, "token_logprobs", None)
+    if not offsets or values is None or len(offsets) != len(values):
+        raise MalformedResponse("the server returned no prompt logprobs (it must support echo with logprobs on "
+                                "/v1/completions)")
+    picked = [v for o, v in zip(offsets, values) if start <= o < end]
+    if not picked or any(v is None for v in picked):
+        raise MalformedResponse(f"no logprob for the continuation's tokens (offsets {offsets[:3]}...)")
+    return float(sum(picked)), len(picked)
 
 
 def _logprobs_of(choice) -> dict[str, float] | None:

@@ -14,6 +14,14 @@ Each prompt is ``cfg.template_name`` rendered through :func:`assay.annotate.prom
 pair's fields and the few-shot ``examples`` set by :meth:`PromptedJudge.set_examples` (none by
 default); ``prompt_sha`` is the template's content hash. ``extra`` holds the stated grade and
 confidence per pair and the count of each parse status.
+
+``scoring: likelihood`` asks the model nothing. Per pair it scores the query's own tokens twice through the
+backend's ``loglik``: after the product's context (``judge_likelihood.j2``) and after the same template without a
+product (once per query text). The score is the pointwise mutual information per query token, ``(log P(query |
+product) - log P(query)) / tokens``: how much the product makes the query likelier, so a query that is likely
+anyway (short, common words) gains nothing from it. Probabilities come from :func:`probs_from_pmi` (an ordered
+logit over ``likelihood_cutpoints``; the calibrator corrects it per grade); ``parse_status`` is OK, or FAILED with
+the error as ``raw``; ``raw`` holds the score and both logprobs; ``extra["pmi"]`` the scores.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import numpy as np
 
 from assay.annotate.backends import Backend, get_backend
 from assay.annotate.base import FAILED, N_GRADES, OK, OK_JSON, UNPARSED, JudgeOutput, Pair
-from assay.annotate.parse import parse_grade, probs_from_json, probs_from_logprobs
-from assay.annotate.prompts import render, template_sha
+from assay.annotate.parse import parse_grade, probs_from_json, probs_from_logprobs, probs_from_pmi
+from assay.annotate.prompts import render, template_sha, untrusted
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,8 @@ class PromptedJudge:
         return render(self.template, examples=self.examples, **pair.context())
 
     def predict(self, pairs: list[Pair], progress: bool = False) -> JudgeOutput:
+        if self.cfg.scoring == "likelihood":
+            return self._predict_likelihood(pairs, progress)
         n = len(pairs)
         probs = np.full((n, N_GRADES), np.nan, dtype=np.float32)
         raw: list[str | None] = [None] * n
@@ -116,6 +126,51 @@ class PromptedJudge:
             log.info("judge %s: %d pairs, %d unparsed, %d failed", self.name, n, counts[UNPARSED], counts[FAILED])
         return JudgeOutput(probs, raw, status, latency, tokens,
                            extra={"stated_grade": stated, "stated_confidence": conf, "status_counts": dict(counts)})
+
+    def _predict_likelihood(self, pairs: list[Pair], progress: bool) -> JudgeOutput:
+        if not hasattr(self.backend, "loglik"):
+            raise ValueError(f"judge {self.name}: scoring: likelihood needs a backend that scores text (local, openai); "
+                             f"{self.backend.name!r} does not")
+        n = len(pairs)
+        probs = np.full((n, N_GRADES), np.nan, dtype=np.float32)
+        raw: list[str | None] = [None] * n
+        status = [FAILED] * n
+        latency = np.zeros(n, dtype=np.float64)
+        tokens = np.zeros(n, dtype=np.int64)
+        pmi = np.full(n, np.nan, dtype=np.float32)
+        neutral_ctx = render(self.template, **{k: "" for k in Pair("", "", "", "").context()})
+        neutral: dict = {}  # query continuation -> its LogLik without a product (successes only)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"judge {self.name}", unit="pair")
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, n, bs):
+            chunk = pairs[start:start + bs]
+            conts = [" " + untrusted(p.query, 200) for p in chunk]
+            need = [c for c in dict.fromkeys(conts) if c not in neutral]
+            fresh = dict(zip(need, self.backend.loglik([(neutral_ctx, c) for c in need])))
+            neutral.update({c: r for c, r in fresh.items() if r.error is None})
+            outs = self.backend.loglik([(self.prompt(p), c) for p, c in zip(chunk, conts)])
+            for j, (r, c) in enumerate(zip(outs, conts)):
+                i, u = start + j, neutral.get(c) or fresh[c]
+                latency[i], tokens[i] = r.latency_ms, r.tokens or 0
+                if r.error is not None or u.error is not None or not r.tokens:
+                    raw[i] = r.error or (f"the query alone: {u.error}" if u.error else "no query tokens")
+                    continue
+                pmi[i] = (r.logprob - u.logprob) / r.tokens
+                raw[i] = (f"pmi/token {pmi[i]:.4f} (log P(query) {r.logprob:.3f} after the product, {u.logprob:.3f} "
+                          f"without it; {r.tokens} tokens)")
+                probs[i], status[i] = probs_from_pmi(float(pmi[i]), self.cfg.likelihood_cutpoints), OK
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        counts = Counter(status)
+        if counts[FAILED]:
+            log.info("judge %s: %d pairs, %d failed", self.name, n, counts[FAILED])
+        return JudgeOutput(probs, raw, status, latency, tokens, extra={"pmi": pmi, "status_counts": dict(counts)})
 
     def close(self) -> None:
         self.backend.close()
