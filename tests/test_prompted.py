@@ -607,7 +607,8 @@ def test_likelihood_scoring_grades_relevant_pairs_above_irrelevant(likelihood_ju
     # the judge's own numbers: its score is the PMI per query token, and the probabilities follow from it
     from assay.annotate.parse import probs_from_pmi
 
-    assert np.allclose(out.probs[0], probs_from_pmi(float(out.extra["pmi"][0]), likelihood_judge.cfg.likelihood_cutpoints))
+    cut = likelihood_judge.cfg.likelihood_cutpoints
+    assert np.allclose(out.probs[0], probs_from_pmi(float(out.extra["pmi"][0]), cut))
     # a text longer than the context fails alone, with its reason (the template's truncation keeps pairs inside)
     bad = likelihood_judge.backend.loglik([("mug " * 3000, " red mug"), ("Product: red mug\nQuery:", " red mug")])
     assert bad[0].error and "n_ctx" in bad[0].error and bad[1].error is None and bad[1].tokens > 0

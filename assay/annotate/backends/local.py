@@ -21,7 +21,7 @@
 - One prompt at a time (a lock guards the model); a prompt that fails (too long for ``n_ctx``, say)
   returns ``Completion(error=...)`` and the others go on.
 - :meth:`LocalBackend.loglik` (``scoring: likelihood``): the model is loaded with ``logits_all=True`` (the output
-  layer runs at every prompt token; for SmolLM2-135M about a fifth more compute per token), each context and
+  layer runs at every prompt token), each context and
   continuation is evaluated once, and the continuation's logprobs are read off the rows before its tokens. The
   ``kv`` and ``ram`` modes keep the tokens a text shares with the one evaluated before it; ``off`` evaluates each
   from scratch.

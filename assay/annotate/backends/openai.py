@@ -23,8 +23,10 @@ may fill with the request's URL or headers) and the logged ``base_url`` go throu
 
 :meth:`OpenAIBackend.loglik` (``scoring: likelihood``) sends each context + continuation to ``/v1/completions``
 with ``echo=True, logprobs=1, max_tokens=1`` and sums the prompt logprobs of the tokens that start inside the
-continuation (``text_offset``); ``vllm serve`` and ``llama_cpp.server`` answer it, OpenAI's own API does not for its
-chat models (the 400 fails those pairs with its message). The same retries apply.
+continuation (``text_offset``). ``vllm serve`` answers it. ``llama_cpp.server`` answers with each prompt token's
+logprob one position late (abetlen/llama-cpp-python#1983), so its scores are wrong; llama.cpp's ``llama-server``
+sends no prompt logprobs (those pairs fail, saying so); OpenAI's own API refuses echo for its chat models (the 400
+fails those pairs with its message). The same retries apply.
 
 :meth:`OpenAIBackend.complete` is synchronous: it runs :meth:`acomplete` in a fresh event loop with
 ``asyncio.run``; called from a thread that already runs a loop (a notebook, an async app) it runs

@@ -129,8 +129,8 @@ class PromptedJudge:
 
     def _predict_likelihood(self, pairs: list[Pair], progress: bool) -> JudgeOutput:
         if not hasattr(self.backend, "loglik"):
-            raise ValueError(f"judge {self.name}: scoring: likelihood needs a backend that scores text (local, openai); "
-                             f"{self.backend.name!r} does not")
+            raise ValueError(f"judge {self.name}: scoring: likelihood needs a backend that scores text (local, "
+                             f"openai); {self.backend.name!r} does not")
         n = len(pairs)
         probs = np.full((n, N_GRADES), np.nan, dtype=np.float32)
         raw: list[str | None] = [None] * n
