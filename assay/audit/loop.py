@@ -44,7 +44,9 @@ STRATA_SQL = f"""
     FROM {current_labels_sql()} l LEFT JOIN {_TIER_SQL} t USING (query_id, item_id)
     WHERE l.cascade_sha = ? AND l.status = 'ok'
       AND NOT EXISTS (SELECT 1 FROM human_labels h WHERE h.query_id = l.query_id AND h.item_id = l.item_id
-                      AND h.split = '{AUDIT_SPLIT}')"""
+                      AND h.split = '{AUDIT_SPLIT}')
+    ORDER BY l.query_id, l.item_id"""  # the seeded keys go to rows in this order: without it DuckDB's parallel scan
+                                        # could hand them out differently and the same seed draw another sample
 
 
 def inclusion_probabilities(weight: np.ndarray, k: int) -> np.ndarray:
