@@ -80,13 +80,22 @@ CE_CFG = JudgeConfig(name="ce-test", kind="cross_encoder", model="all-MiniLM-L6-
 
 @pytest.fixture(scope="session")
 def trained_ce(labeled, tmp_path_factory):
-    """(artifacts, judge returned by fit, training summary): one cross-encoder trained once."""
+    """(artifacts, judge, training summary): one cross-encoder trained once per test session, kept on disk
+    (`built_once`: measured, pytest-xdist built this session fixture twice in one worker, 50 s each). The judge is
+    the one fit returned where this process trained it, else loaded from the artifacts."""
     from assay.annotate.judges.cross_encoder import CrossEncoderJudge
+    from conftest import built_once
 
-    artifacts = tmp_path_factory.mktemp("artifacts")
-    pairs, grades = labeled["train"]
-    judge, summary = CrossEncoderJudge.fit(CE_CFG, pairs, grades, artifacts, progress=False)
-    return artifacts, judge, summary
+    fitted = {}
+
+    def build(folder):
+        pairs, grades = labeled["train"]
+        fitted["judge"], summary = CrossEncoderJudge.fit(CE_CFG, pairs, grades, folder, progress=False)
+        return {"artifacts": folder, "summary": summary}
+
+    got = built_once(tmp_path_factory, "trained_ce", build)
+    artifacts = got["artifacts"]
+    return artifacts, fitted.get("judge") or load_judge(CE_CFG, artifacts), got["summary"]
 
 
 def test_templates_render_the_pair():
