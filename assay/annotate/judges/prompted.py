@@ -82,11 +82,7 @@ class PromptedJudge:
         if self.cfg.scoring == "likelihood":
             return self._predict_likelihood(pairs, progress)
         n = len(pairs)
-        probs = np.full((n, N_GRADES), np.nan, dtype=np.float32)
-        raw: list[str | None] = [None] * n
-        status = [FAILED] * n
-        latency = np.zeros(n, dtype=np.float64)
-        tokens = np.zeros(n, dtype=np.int64)
+        probs, raw, status, latency, tokens = _blank_outputs(n)
         stated = np.full(n, -1, dtype=np.int8)
         conf = np.full(n, np.nan, dtype=np.float32)
         bs = max(1, self.cfg.batch_size)
@@ -132,11 +128,7 @@ class PromptedJudge:
             raise ValueError(f"judge {self.name}: scoring: likelihood needs a backend that scores text (local, "
                              f"openai); {self.backend.name!r} does not")
         n = len(pairs)
-        probs = np.full((n, N_GRADES), np.nan, dtype=np.float32)
-        raw: list[str | None] = [None] * n
-        status = [FAILED] * n
-        latency = np.zeros(n, dtype=np.float64)
-        tokens = np.zeros(n, dtype=np.int64)
+        probs, raw, status, latency, tokens = _blank_outputs(n)
         pmi = np.full(n, np.nan, dtype=np.float32)
         neutral_ctx = render(self.template, **{k: "" for k in Pair("", "", "", "").context()})
         neutral: dict = {}  # query continuation -> its LogLik without a product (successes only)
@@ -174,3 +166,10 @@ class PromptedJudge:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _blank_outputs(n: int) -> tuple:
+    """(probs NaN, raw None, status FAILED, latency 0, tokens 0) for ``n`` pairs: what a pair keeps until graded."""
+    return (np.full((n, N_GRADES), np.nan, dtype=np.float32), [None] * n, [FAILED] * n, np.zeros(n, dtype=np.float64),
+            np.zeros(n, dtype=np.int64))
+
