@@ -232,6 +232,59 @@ def start_llama_server(log_path: Path, port: int | None = None, timeout_s: float
         time.sleep(0.5)
 
 
+class LoopbackServer:
+    """A real HTTP server on a free loopback port, serving from daemon threads: the tests of the OpenAI-compatible
+    path subclass it and write ``answer``. Use it as a context manager (or call ``close``); ``url`` is its ``/v1``
+    base. ``answer(method, path, headers, body)`` gets the request body's bytes and returns ``(status, reply)`` or
+    ``(status, reply, extra headers)``, where a dict reply is sent as JSON and bytes are sent as they are."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                code, reply, *extra = outer.answer(self.command, self.path, self.headers, body)
+                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (extra[0] if extra else {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+                    pass
+
+            do_GET = do_POST = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, path: str, headers, body: bytes):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def stop_process(proc, kill: bool = False) -> None:
     import subprocess
 

@@ -8,6 +8,8 @@ rerun completes them with no duplicates.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ from assay.annotate.runtime import calibrator_file
 from assay.config import AnnotateConfig, JudgeConfig
 from assay.store import Store
 
-from conftest import copy_ws, free_port, start_llama_server, stop_process
+from conftest import LoopbackServer, copy_ws, free_port, start_llama_server, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -76,54 +78,29 @@ def test_server_killed_mid_run_then_rerun_completes_without_duplicates(mined_mas
         stop_process(proc)
 
 
-class _GradingServer:
+class _GradingServer(LoopbackServer):
     """A real OpenAI-compatible HTTP server on loopback that grades every prompt 3, except prompts naming a
     poisoned product, which it answers with text no parser can read (as a model that ignores its instructions
     does). It counts the requests per poisoned title; ``healed`` makes it answer those properly too."""
 
     def __init__(self, poison: str):
-        import http.server
-        import json
-        import threading
-
         self.poison, self.healed, self.poisoned_calls, self.calls = poison, False, {}, 0
-        outer = self
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "grader", "object": "model"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = " ".join(m["content"] for m in body["messages"] if isinstance(m.get("content"), str))
-                outer.calls += 1
-                bad = outer.poison in prompt and not outer.healed
-                if outer.poison in prompt:
-                    outer.poisoned_calls[prompt] = outer.poisoned_calls.get(prompt, 0) + 1  # one prompt per pair
-                text = "I would rather talk about the weather." if bad else '{"grade": 3}'
-                self._send({"id": "c", "object": "chat.completion", "created": 0, "model": "grader",
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": text}}],
-                            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
-
-            def _send(self, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method, path, headers, body):
+        if method == "GET":
+            return 200, {"object": "list", "data": [{"id": "grader", "object": "model"}]}
+        req = json.loads(body)
+        prompt = " ".join(m["content"] for m in req["messages"] if isinstance(m.get("content"), str))
+        self.calls += 1
+        bad = self.poison in prompt and not self.healed
+        if self.poison in prompt:
+            self.poisoned_calls[prompt] = self.poisoned_calls.get(prompt, 0) + 1  # one prompt per pair
+        text = "I would rather talk about the weather." if bad else '{"grade": 3}'
+        return 200, {"id": "c", "object": "chat.completion", "created": 0, "model": "grader",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
 
 
 @pytest.mark.timeout(300)

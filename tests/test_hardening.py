@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +14,8 @@ import pytest
 import yaml
 
 from assay.store import Store, redact, redact_text
+
+from conftest import LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,42 +28,19 @@ UPSTREAM_BEARER = "upstream-bearer-8e1f"  # a bearer string only the server's er
 SECRETS = (USERINFO, API_KEY_PARAM, TOKEN_PARAM, CLIENT_KEY, UPSTREAM_BEARER)
 
 
-class EchoingFailingServer:
+class EchoingFailingServer(LoopbackServer):
     """A loopback HTTP server that answers every request 500 and echoes what a careless proxy would: the request's
     Authorization header, the base URL it was configured with (credentials and query included), and another
     bearer string."""
 
     def __init__(self):
-        outer = self
+        super().__init__()
+        self.base_url = f"http://user:{USERINFO}@127.0.0.1:{self.port}/v1?api_key={API_KEY_PARAM}&token={TOKEN_PARAM}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                msg = (f"upstream failed for {outer.base_url} (path {self.path}); request had Authorization: "
-                       f"{self.headers.get('Authorization')}; upstream said: Bearer {UPSTREAM_BEARER} rejected")
-                body = json.dumps({"error": {"message": msg}}).encode()
-                self.send_response(500)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        port = self.httpd.server_address[1]
-        self.base_url = f"http://user:{USERINFO}@127.0.0.1:{port}/v1?api_key={API_KEY_PARAM}&token={TOKEN_PARAM}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def answer(self, method, path, headers, body):
+        msg = (f"upstream failed for {self.base_url} (path {path}); request had Authorization: "
+               f"{headers.get('Authorization')}; upstream said: Bearer {UPSTREAM_BEARER} rejected")
+        return 500, {"error": {"message": msg}}
 
 
 def _leaks(text: str) -> list[str]:

@@ -16,12 +16,11 @@ import os
 import random
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import LoopbackServer, free_port
 
 from assay.annotate.backends import Completion, backend_class, get_backend
 from assay.annotate.backends.openai import OpenAIBackend
@@ -361,7 +360,7 @@ def _chat_response(grade: int = 2) -> dict:
             "usage": {"prompt_tokens": 200, "completion_tokens": 13, "total_tokens": 213}}
 
 
-class FlakyServer:
+class FlakyServer(LoopbackServer):
     """Behaviour per marker in the prompt: flaky500 (500 once), flaky429 (429 twice), dead (503 always),
     hang (sleeps past the client's timeout), truncated (a 200 whose JSON body is cut off, once), emptybody (a 200
     with an empty body, always), badgrade (answers grade 7, always), nochoices (a 200 with no choices, always),
@@ -374,77 +373,40 @@ class FlakyServer:
         self.counts: dict[str, int] = {}
         self.formats: list[str] = []
         self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, obj: dict, headers: dict | None = None):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (the hang case)
-                    pass
-
-            def _send_raw(self, code: int, body: bytes):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fmt = (req.get("response_format") or {}).get("type", "none")
-                if fmt == "json_schema":
-                    return self._send(400, {"error": {"message": "response_format json_schema is not supported"}})
-                prompt = req["messages"][0]["content"]
-                marker = next((m for m in outer.MARKERS if m in prompt), "ok")
-                with outer.lock:
-                    outer.counts[marker] = n = outer.counts.get(marker, 0) + 1
-                    outer.formats.append(fmt)
-                if marker == "flaky500" and n == 1:
-                    return self._send(500, {"error": {"message": "overloaded"}})
-                if marker == "flaky429" and n <= 2:
-                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-                if marker == "dead":
-                    return self._send(503, {"error": {"message": "model is loading"}})
-                if marker == "hang":
-                    time.sleep(outer.hang_s)
-                    return self._send(500, {"error": {"message": "too late"}})
-                if marker == "truncated" and n == 1:
-                    return self._send_raw(200, json.dumps(_chat_response(grade=3)).encode()[:120])
-                if marker == "emptybody":
-                    return self._send_raw(200, b"")
-                if marker == "badgrade":
-                    bad = _chat_response(grade=3)
-                    bad["choices"][0]["message"]["content"] = '{"grade": 7, "confidence": 0.9}'
-                    bad["choices"][0]["logprobs"] = None
-                    return self._send(200, bad)
-                if marker == "nochoices":
-                    return self._send(200, {**_chat_response(grade=3), "choices": []})
-                return self._send(200, _chat_response(grade=1 if "zzbanana" in prompt else 3))
-
         self.hang_s = hang_s
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def answer(self, method, path, headers, body):
+        req = json.loads(body)
+        fmt = (req.get("response_format") or {}).get("type", "none")
+        if fmt == "json_schema":
+            return 400, {"error": {"message": "response_format json_schema is not supported"}}
+        prompt = req["messages"][0]["content"]
+        marker = next((m for m in self.MARKERS if m in prompt), "ok")
+        with self.lock:
+            self.counts[marker] = n = self.counts.get(marker, 0) + 1
+            self.formats.append(fmt)
+        if marker == "flaky500" and n == 1:
+            return 500, {"error": {"message": "overloaded"}}
+        if marker == "flaky429" and n <= 2:
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
+        if marker == "dead":
+            return 503, {"error": {"message": "model is loading"}}
+        if marker == "hang":
+            time.sleep(self.hang_s)
+            return 500, {"error": {"message": "too late"}}
+        if marker == "truncated" and n == 1:
+            return 200, json.dumps(_chat_response(grade=3)).encode()[:120]
+        if marker == "emptybody":
+            return 200, b""
+        if marker == "badgrade":
+            bad = _chat_response(grade=3)
+            bad["choices"][0]["message"]["content"] = '{"grade": 7, "confidence": 0.9}'
+            bad["choices"][0]["logprobs"] = None
+            return 200, bad
+        if marker == "nochoices":
+            return 200, {**_chat_response(grade=3), "choices": []}
+        return 200, _chat_response(grade=1 if "zzbanana" in prompt else 3)
 
 
 def test_retries_timeouts_and_failed_calls_do_not_break_the_batch():
@@ -616,7 +578,7 @@ def test_likelihood_scoring_grades_relevant_pairs_above_irrelevant(likelihood_ju
     assert again.extra["pmi"][1] == pytest.approx(out.extra["pmi"][0], abs=1e-3)  # kv prefix reuse changes no score
 
 
-class CompletionsServer:
+class CompletionsServer(LoopbackServer):
     """A loopback ``/v1/completions`` that echoes prompt logprobs the way the OpenAI API and ``vllm serve`` define
     them (each token's logprob given the tokens before it, None for the first), computed by the real packaged
     SmolLM2 through llama-cpp-python. (``llama_cpp.server`` itself returns each prompt token's logprob one position
@@ -628,53 +590,34 @@ class CompletionsServer:
 
         from assay.models import resolve
 
-        llm = llama_cpp.Llama(model_path=resolve("smollm2-135m").path, n_ctx=2048, n_threads=1, logits_all=True,
-                              verbose=False)
-        lock = threading.Lock()
+        self.llm = llama_cpp.Llama(model_path=resolve("smollm2-135m").path, n_ctx=2048, n_threads=1, logits_all=True,
+                                   verbose=False)
+        self.lock = threading.Lock()
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def answer(self, method, path, headers, body):
+        req = json.loads(body)
+        assert path.endswith("/completions") and req["echo"] and req["logprobs"] is not None
+        text, llm = req["prompt"], self.llm
+        with self.lock:
+            toks = llm.tokenize(text.encode(), add_bos=True, special=False)
+            skip = len(llm.tokenize(b"", add_bos=True, special=False))  # a BOS the tokenizer adds
+            llm.reset()
+            llm.eval(toks)
+            sc = np.asarray(llm.scores[: len(toks)], dtype=np.float64)
+            lse = sc.max(axis=1) + np.log(np.exp(sc - sc.max(axis=1, keepdims=True)).sum(axis=1))
+            # the text of the prompt's first k tokens, k = 0..n (a BOS is no text)
+            upto = [llm.detokenize(toks[skip:k]).decode("utf-8", "ignore") for k in range(skip, len(toks) + 1)]
+        logprobs = {"tokens": [upto[j + 1][len(upto[j]):] for j in range(len(upto) - 1)],
+                    "token_logprobs": [None if k == 0 else float(sc[k - 1, toks[k]] - lse[k - 1])
+                                       for k in range(skip, len(toks))],
+                    "text_offset": [len(u) for u in upto[:-1]]}
+        return 200, {"id": "c1", "object": "text_completion", "model": req["model"], "choices": [{
+            "index": 0, "text": text + ".", "finish_reason": "length",
+            "logprobs": None if "nologprobs" in text else logprobs}]}
 
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert self.path.endswith("/completions") and req["echo"] and req["logprobs"] is not None
-                text = req["prompt"]
-                with lock:
-                    toks = llm.tokenize(text.encode(), add_bos=True, special=False)
-                    skip = len(llm.tokenize(b"", add_bos=True, special=False))  # a BOS the tokenizer adds
-                    llm.reset()
-                    llm.eval(toks)
-                    sc = np.asarray(llm.scores[: len(toks)], dtype=np.float64)
-                    lse = sc.max(axis=1) + np.log(np.exp(sc - sc.max(axis=1, keepdims=True)).sum(axis=1))
-                    # the text of the prompt's first k tokens, k = 0..n (a BOS is no text)
-                    upto = [llm.detokenize(toks[skip:k]).decode("utf-8", "ignore") for k in range(skip, len(toks) + 1)]
-                logprobs = {"tokens": [upto[j + 1][len(upto[j]):] for j in range(len(upto) - 1)],
-                            "token_logprobs": [None if k == 0 else float(sc[k - 1, toks[k]] - lse[k - 1])
-                                               for k in range(skip, len(toks))],
-                            "text_offset": [len(u) for u in upto[:-1]]}
-                body = json.dumps({"id": "c1", "object": "text_completion", "model": req["model"], "choices": [{
-                    "index": 0, "text": text + ".", "finish_reason": "length",
-                    "logprobs": None if "nologprobs" in text else logprobs}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.llm = llm
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def close(self) -> None:
+        super().close()
         self.llm.close()
 
 
