@@ -19,7 +19,9 @@ threads here, one fresh HTTP connection per request. It reports:
 - **repeated**: the same queries sent again, one at a time;
 - the bounded load: N requests from C concurrent clients, dense and hybrid: p50/p90/p99/max, throughput, errors;
 - as the peer measured in the same run, first-seen queries answered in-process one at a time (no HTTP), so the
-  table shows what HTTP adds.
+  table shows what HTTP adds;
+- on an HNSW index, ``--ef-search`` values swept in-process: first-seen latency and recall@k against exact search
+  over the index's own vectors (exact search is the peer for recall).
 """
 
 from __future__ import annotations
@@ -79,6 +81,40 @@ def tile_vectors(cfg, store, ckpt: Path, real: int, sigma: float = 0.02) -> None
         cache.add(shas[lo:hi], v / np.linalg.norm(v, axis=1, keepdims=True))
 
 
+def ef_sweep(ws: Path, queries: list[str], k: int, efs: list[int]) -> list[dict]:
+    """In-process, one first-seen query at a time, for each HNSW ``ef_search``: latency p50/p99 and recall@k against
+    exact search over the index's own vectors (the same queries for every value; each value loads its own server
+    object, so a query is first-seen for every row)."""
+    import faiss
+
+    from assay.config import AssayConfig, ServeConfig
+    from assay.dense import exact_search
+    from assay.serving.index import Served
+    from assay.store import Store
+
+    rows = []
+    with Store.open(ws, read_only=True) as s:
+        first = Served(AssayConfig(serve=ServeConfig(ef_search=efs[0])), s)
+        storage = faiss.downcast_index(first.index.storage) if hasattr(first.index, "storage") else first.index
+        vecs = storage.reconstruct_n(0, storage.ntotal)
+        qv = np.concatenate([first.model.encode_queries([q]).float().cpu().numpy() for q in queries])
+        _, want = exact_search(vecs, qv, k, first.model.beta)
+        del vecs, first
+        for ef in efs:
+            served = Served(AssayConfig(serve=ServeConfig(ef_search=ef)), s)
+            ms, hits = [], 0
+            for q, w in zip(queries, want):
+                t0 = time.perf_counter()
+                _, got = served.dense([q], k)
+                ms.append((time.perf_counter() - t0) * 1e3)
+                hits += len(np.intersect1d(w[w >= 0], got[0][got[0] >= 0]))
+            rows.append({"ef_search": ef, "queries": len(queries), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                         "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                         f"recall@{k}": round(hits / float((want >= 0).sum()), 4)})
+            del served
+    return rows
+
+
 def post(url: str, query: str, k: int, mode: str = "dense") -> tuple[float, float]:
     """(client ms, server took_ms) of one POST /search."""
     body = json.dumps({"query": query, "k": k, "mode": mode}).encode()
@@ -103,6 +139,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--ef-search", type=int, nargs="*", default=[64, 128, 256, 512],
+                    help="HNSW index only: ef_search values swept in-process for latency and recall@k vs exact")
     args = ap.parse_args()
 
     from assay.config import AssayConfig
@@ -163,6 +201,13 @@ def main() -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
+    if kind == "hnsw" and args.ef_search:
+        sweep = ef_sweep(args.workspace, peer_fresh, args.k, args.ef_search)
+        print(f"\nHNSW ef_search, in-process, one first-seen query at a time (dense search only; the served default "
+              f"is serve.ef_search={AssayConfig().serve.ef_search}):")
+        print(f"| ef_search | queries | p50 ms | p99 ms | recall@{args.k} vs exact |\n|---|---|---|---|---|")
+        for r in sweep:
+            print(f"| {r['ef_search']} | {r['queries']} | {r['p50_ms']} | {r['p99_ms']} | {r[f'recall@{args.k}']} |")
 
 
 if __name__ == "__main__":
