@@ -23,46 +23,51 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- scheduling on two workers
 # `make test` runs pytest-xdist with --dist loadgroup --no-loadscope-reorder: each test is its own unit of work,
-# except the files below, whose module fixtures are costly to build twice (or that start a local Ray): they stay
-# together on one worker. Units are sent longest first (seconds, setup + call, from `--durations` on 2026-12-06; a
-# test not listed counts 1 s), so that both workers finish at about the same time instead of one running the last
-# long file alone. The numbers only order the work; a stale one costs time, never a result.
+# except the files below, whose module fixtures are costly to build twice (or that start a local Ray, or whose tests
+# would wait for each other: a second worker that needs a built_once master the first is still building idles until
+# it is done, as test_eval.py's tests did for 58 s): they stay together on one worker. Units are sent longest first
+# (seconds, setup + call, from `--durations` on 2026-12-06; a test not listed counts 1 s), so that both workers
+# finish at about the same time instead of one running the last long file alone. The numbers only order the work; a
+# stale one costs time, never a result.
 ONE_WORKER_FILES = {"test_ray.py", "test_serving.py", "test_features_judge.py", "test_inference.py", "test_audit.py",
-                    "test_label_quality.py", "test_judges.py"}
+                    "test_label_quality.py", "test_judges.py", "test_eval.py"}
 MEASURED_SECONDS = {
-    "test_main_job_runs_skips_when_current_and_reruns_what_changed": 341,
-    "test_curriculum_on_real_cascade_labels_tiers_pairs_by_their_true_relevance": 261,
-    "test_baselines_share_the_step_budget": 155, "test_paced_run_resumes_after_kill_9_to_identical_weights": 88,
-    "test_agreement_report": 75, "test_kill_9_resumes_to_the_same_model": 74,
-    "test_hybrid_and_qrels_in_the_evaluation": 74, "test_fixture_has_one_label_per_pair": 73,
-    "test_curriculum_trains_selects_and_records": 70, "test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives": 69,
-    "test_evaluate_command_writes_report_and_rejects_missing_split": 69,
-    "test_encoder_exports_agree_with_torch_and_are_cached_by_sha_and_backend": 68,
-    "test_llm_classifier_lora_round_trip": 68,
-    "test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines": 68,
-    "test_agreement_reports_seed_and_mined_distributions": 56, "test_cross_encoder_saves_loads_and_predicts": 55,
-    "test_driver_killed_mid_execute_rerun_skips_finished_shards": 51, "test_kill9_mid_mining_resumes_to_the_uninterrupted_result": 48,
-    "test_training_reads_the_real_cascades_grades_and_confidences": 46, "test_injected_titles_do_not_raise_grades": 37,
-    "test_server_killed_mid_run_then_rerun_completes_without_duplicates": 37,
-    "test_export_writes_a_manifest_bound_to_the_checkpoint": 35, "test_embedding_cache_skips_unchanged_items": 34,
-    "test_ray_grades_equal_local_and_commit_twice_changes_nothing": 48, "test_torchrun_two_processes_gather_in_batch_negatives": 32,
-    "test_the_real_server_answers_and_rejects_bad_requests": 45, "test_worker_killed_mid_shard_completes_without_loss_or_duplicates": 29,
+    "test_main_job_runs_skips_when_current_and_reruns_what_changed": 331,
+    "test_curriculum_on_real_cascade_labels_tiers_pairs_by_their_true_relevance": 268,
+    "test_baselines_share_the_step_budget": 110, "test_hybrid_and_qrels_in_the_evaluation": 81,
+    "test_curriculum_trains_selects_and_records": 70, "test_agreement_report": 68,
+    "test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines": 67,
+    "test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives": 65,
+    "test_kill_9_resumes_to_the_same_model": 64, "test_cross_encoder_saves_loads_and_predicts": 57,
+    "test_encoder_exports_agree_with_torch_and_are_cached_by_sha_and_backend": 54,
+    "test_llm_classifier_lora_round_trip": 52, "test_training_reads_the_real_cascades_grades_and_confidences": 51,
+    "test_agreement_reports_seed_and_mined_distributions": 43,
+    "test_the_real_server_answers_and_rejects_bad_requests": 42, "test_embedding_cache_skips_unchanged_items": 37,
+    "test_likelihood_scoring_grades_relevant_pairs_above_irrelevant": 37,
+    "test_driver_killed_mid_execute_rerun_skips_finished_shards": 35,
+    "test_kill9_mid_mining_resumes_to_the_uninterrupted_result": 32,
+    "test_export_writes_a_manifest_bound_to_the_checkpoint": 32,
+    "test_ray_grades_equal_local_and_commit_twice_changes_nothing": 32,
+    "test_server_killed_mid_run_then_rerun_completes_without_duplicates": 28,
     "test_stage_without_gain_is_skipped_and_next_starts_from_previous_best": 28,
-    "test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth": 27, "test_openai_backend_through_llama_server": 26,
-    "test_two_tower_on_onnx_matches_torch": 13, "test_poisoned_pair_fails_alone_and_the_next_plan_picks_it_up": 24,
-    "test_cross_encoder_runs_on_onnx_within_the_accuracy_guard": 22, "test_export_carries_lineage_in_every_format": 21,
-    "test_commit_refuses_foreign_miscounted_and_partial_shards": 20, "test_bad_input_names_the_missing_step": 19,
-    "test_kill9_mid_batch_resumes_without_loss_or_duplicates": 19, "test_annotate_writes_labels_and_votes_and_is_idempotent": 17,
-    "test_the_server_requires_its_bearer_token_and_shows_workspace_relative_paths": 17,
-    "test_hostile_catalog_does_not_move_cascade_grades": 17,
-    "test_a_catalog_update_relabels_exactly_the_pairs_whose_texts_changed": 15,
-    "test_local_prefix_cache_modes_give_the_same_answer": 15,
-    "test_trained_judges_calibrators_lower_ece_on_pairs_they_did_not_see": 14,
+    "test_injected_titles_do_not_raise_grades": 28, "test_torchrun_two_processes_gather_in_batch_negatives": 26,
+    "test_export_carries_lineage_in_every_format": 24, "test_likelihood_scoring_over_http_equals_local": 22,
+    "test_cross_encoder_runs_on_onnx_within_the_accuracy_guard": 22, "test_two_tower_on_onnx_matches_torch": 22,
+    "test_bad_input_names_the_missing_step": 21,
+    "test_worker_killed_mid_shard_completes_without_loss_or_duplicates": 21, "test_local_backend_annotates": 20,
+    "test_hostile_catalog_does_not_move_cascade_grades": 20,
+    "test_poisoned_pair_fails_alone_and_the_next_plan_picks_it_up": 19,
+    "test_commit_refuses_foreign_miscounted_and_partial_shards": 18, "test_openai_backend_through_llama_server": 18,
+    "test_annotate_writes_labels_and_votes_and_is_idempotent": 16,
+    "test_local_prefix_cache_modes_give_the_same_answer": 16,
+    "test_kill9_mid_batch_resumes_without_loss_or_duplicates": 14,
+    "test_the_server_requires_its_bearer_token_and_shows_workspace_relative_paths": 14,
+    "test_a_catalog_update_relabels_exactly_the_pairs_whose_texts_changed": 13,
     "test_item_tower_encoding_on_ray_fills_the_checkpoint_vector_cache": 12,
-    "test_the_server_under_a_bounded_load_answers_every_request": 11,
-    "test_catalog_encoding_on_ray_fills_the_embedding_cache": 10,
+    "test_trained_judges_calibrators_lower_ece_on_pairs_they_did_not_see": 12,
+    "test_the_server_under_a_bounded_load_answers_every_request": 10,
     "test_the_server_refuses_to_start_on_a_manifest_that_does_not_match": 10,
-    "test_likelihood_scoring_grades_relevant_pairs_above_irrelevant": 35,
+    "test_catalog_encoding_on_ray_fills_the_embedding_cache": 9,
 }
 
 
