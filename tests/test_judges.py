@@ -81,7 +81,7 @@ CE_CFG = JudgeConfig(name="ce-test", kind="cross_encoder", model="all-MiniLM-L6-
 @pytest.fixture(scope="session")
 def trained_ce(labeled, tmp_path_factory):
     """(artifacts, judge, training summary): one cross-encoder trained once per test session, kept on disk
-    (`built_once`: measured, pytest-xdist built this session fixture twice in one worker, 50 s each). The judge is
+    (`built_once`: measured, this session fixture was trained on both pytest-xdist workers, 50 s each). The judge is
     the one fit returned where this process trained it, else loaded from the artifacts."""
     from assay.annotate.judges.cross_encoder import CrossEncoderJudge
     from conftest import built_once
