@@ -149,3 +149,40 @@ def test_two_tower_on_onnx_matches_torch(texts, artifacts, tmp_path, heads):
     model.use_backend("torch", artifacts)
     v_torch = item_vectors(model, items[:100], tmp_path, 64, False)
     assert len(list((tmp_path / "embeddings").iterdir())) == 2 and np.abs(v_onnx - v_torch).max() < 1e-4
+
+
+def test_vectorized_per_channel_quantization_writes_onnx_runtimes_model(tmp_path):
+    """assay's all-channels-at-once int8 weight quantization writes byte for byte the model that ONNX Runtime's
+    own channel-by-channel code writes: weights of several shapes, an all-zero channel (scale 1.0), a channel of
+    values under float32's tiny, and ties at .5 that round to even."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from assay import inference
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.05, (32, 48)).astype(np.float32)
+    w1[:, 5] = 0.0
+    w1[:, 7] = 1e-39
+    w1[:, 9] = np.float32(127 / 254) * np.arange(-16, 16, dtype=np.float32)  # exact halves after scaling
+    w2 = rng.normal(0, 1.0, (48, 16)).astype(np.float32)
+    emb = rng.normal(0, 0.1, (100, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", 16])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (emb, "emb"))])
+    src = tmp_path / "f.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    quantize_dynamic(str(src), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    inference._quantize(src, tmp_path / "ours.onnx")
+    stock = onnx.load(tmp_path / "stock.onnx")
+    assert {i.name for i in stock.graph.initializer} >= {"w1_quantized", "w1_scale", "w2_quantized"}
+    assert (tmp_path / "ours.onnx").read_bytes() == (tmp_path / "stock.onnx").read_bytes()
+    # and the patch is gone after the block: ONNX Runtime's code is what runs outside it
+    from onnxruntime.quantization import base_quantizer
+
+    assert base_quantizer.BaseQuantizer.quantize_weight_per_channel_impl.__module__ == base_quantizer.__name__
