@@ -41,6 +41,8 @@ def grade_audit_file(path, oracle) -> None:
 def tiny_config(**serve) -> AssayConfig:
     return AssayConfig.model_validate({
         "store": {"threads": 1},
+        # the int8 guard's cosine on 64 sampled texts of each kind (default 256): the guard runs on every export
+        "models": {"guard_sample": 64},
         "simulate": {"n_products": 1500, "n_queries": 150, "label_queries": 0.4, "seed": 5},
         "mining": {"k": 30, "batch_queries": 64, "negatives": {"n_token_sim": 5, "n_random": 5}},
         "annotate": {"agreement_sample": 200, "judges": [
