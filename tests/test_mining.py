@@ -137,6 +137,31 @@ def test_bm25_char_grams_tolerate_typos():
     assert both.search(["coffee table"], 3).idx[0][0] == 1
 
 
+def test_bm25_numba_search_uses_the_cached_kernel_and_threads_change_no_hit():
+    """The numba backend searches with bm25s's serial kernel compiled into numba's on-disk cache (one compile per
+    machine, not per process), queries split over threads; the hits are the same on 1 and 3 threads and the same
+    as one call of bm25s's retrieve gives (query order, ties, empty queries and k past the catalog included)."""
+    from bm25s.numba import retrieve_utils as ru
+
+    from assay.mining.bm25 import cached_numba_kernel
+
+    rng = np.random.default_rng(0)
+    words = ["red", "sofa", "leather", "chair", "oak", "table", "lamp", "velvet", "rug", "desk"]
+    docs = [" ".join(rng.choice(words, 5)) + f" model{i % 40}" for i in range(600)]
+    queries = [" ".join(rng.choice(words, 2)) for _ in range(97)] + ["", "zzzz", "model7 oak"]
+    index = BM25Index.build(docs, backend="numba")
+    one, three = index.search(queries, 20, threads=1), index.search(queries, 20, threads=3)
+    assert cached_numba_kernel() and ru._retrieve_internal_jitted_serial._cache.__class__.__name__ == "FunctionCache"
+    assert np.array_equal(one.idx, three.idx) and np.array_equal(one.scores, three.scores)
+    assert (one.idx[97:99] == -1).all() and (one.idx[:97, 0] >= 0).all()
+    toks = [index.tokenize(q) for q in queries]
+    keep = [i for i, t in enumerate(toks) if t]
+    d, sc = index.retriever.retrieve([toks[i] for i in keep], k=20, show_progress=False, n_threads=1)
+    d, sc = np.asarray(d), np.asarray(sc)
+    assert np.array_equal(np.where(sc > 0, d, -1), one.idx[keep])
+    assert index.search(["red sofa"], 1000, threads=2).idx.shape == (1, 1000)  # k past the catalog: padded with -1
+
+
 def test_bm25_index_build_prints_no_debug_lines(caplog):
     """bm25s turns its own logger to DEBUG while indexing; assay keeps only its warnings."""
     import logging

@@ -433,8 +433,10 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         # of the validation queries plus 100 random ones, all encoded at each validation: profiled, half of this
         # test's time went there with 4 queries and a validation every 4 steps, so 2 queries, every 6 steps)
         retrieval = {"val_metric": "retrieval", "val_catalog_random": 100, "val_max_queries": 2, "eval_every": 6}
+        # (the click baseline, trained from engagement, is trained and evaluated end to end in test_pipeline's main
+        # job; its step budget comes from the same code as these two)
         out = {b: run_train(tiny_cfg(**(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
-                            progress=False) for b in ("click", "binary", "graded")}
+                            progress=False) for b in ("binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():
         p = s["phases"][f"baseline-{b}"]
@@ -453,9 +455,9 @@ def test_baselines_share_the_step_budget(curriculum_ws):
     assert out["graded"]["phases"]["baseline-graded"]["vs_base_encoder"] > 0, {
         b: s["phases"][f"baseline-{b}"]["vs_base_encoder"] for b, s in out.items()}
     models = [r["model"] for r in out["graded"]["ablation"]]
-    assert {"baseline click", "baseline graded"} <= set(models)  # binary selected differently: its own run key
+    assert "baseline graded" in models  # binary selected differently: its own run key
     assert "baseline binary" in [r["model"] for r in out["binary"]["ablation"]] and "baseline binary" not in models
-    assert {n for (n,) in names} <= {"baseline-click", "baseline-binary", "baseline-graded"}
+    assert {n for (n,) in names} <= {"baseline-binary", "baseline-graded"}
 
 
 # --------------------------------------------------------------------------- determinism, resume, torchrun

@@ -9,14 +9,24 @@ Tokenizers (``mining.bm25.tokenizer``), measured in benchmarks/bench_mining.py:
 
 The index is persisted under ``artifacts/mining/bm25/<catalog sha>-<tokenizer>/`` and reused
 while the catalog and tokenizer are unchanged.
+
+Searching with the numba backend: bm25s compiles its numba retrieval kernel in every process, without numba's
+on-disk cache (measured: 7-9 s on the first search of each process, whatever the catalog's size: every `assay search`,
+`assay serve` start, `assay evaluate` and `assay mine` paid it). assay runs bm25s's serial kernel only, compiled once
+with ``cache=True`` (numba keeps it in ``__pycache__`` beside bm25s, or its user cache directory when that is read
+only; later processes load it in about 0.3 s), and spreads the queries of one search over ``threads`` Python threads
+(the kernel releases the GIL). Each query's top k is computed by the same code as bm25s's parallel kernel, so the
+hits are the same.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -73,6 +83,23 @@ def make_tokenizer(name: str) -> Callable[[str], list[str]]:
     return tokenize
 
 
+@functools.cache
+def cached_numba_kernel() -> bool:
+    """Swap bm25s's serial numba retrieval kernel for the same function compiled with numba's on-disk cache (see the
+    module docstring). Only the serial kernel: numba names a cache entry after the Python function, so caching the
+    parallel variant of the same function too would let one load the other's code. False when this bm25s has no
+    such kernel (another version): its own kernel is used, compiled per process."""
+    try:
+        from numba import njit
+        from bm25s.numba import retrieve_utils as ru
+
+        ru._retrieve_internal_jitted_serial = njit(nogil=True, cache=True)(ru._retrieve_internal_jitted)
+        return True
+    except (ImportError, AttributeError) as e:
+        log.debug("bm25s numba kernel left as it is (%s)", e)
+        return False
+
+
 class BM25Index:
     def __init__(self, retriever, tokenizer: str, n_items: int, backend: str):
         self.retriever = retriever
@@ -127,13 +154,27 @@ class BM25Index:
         nonempty = [i for i, t in enumerate(toks) if t]
         if not nonempty:
             return Hits(idx, scores)
-        docs, sc = self.retriever.retrieve(
-            [toks[i] for i in nonempty], k=k_eff, show_progress=False, n_threads=threads,
-            backend_selection=self.backend if self.backend == "numba" else "numpy")
-        docs = np.asarray(docs, dtype=np.int64)
-        sc = np.asarray(sc, dtype=np.float32)
+        docs, sc = self._retrieve([toks[i] for i in nonempty], k_eff, threads)
         docs[sc <= 0] = -1  # bm25s pads with arbitrary zero-score documents
         sc[sc <= 0] = 0
         idx[nonempty, :k_eff] = docs
         scores[nonempty, :k_eff] = sc
         return Hits(idx, scores)
+
+    def _retrieve(self, toks: list[list[str]], k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """bm25s's top ``k`` (documents, scores) of tokenized queries; numba: the cached serial kernel on up to
+        ``threads`` Python threads, each with its share of the queries, in order."""
+        def one(part: list[list[str]], n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+            d, s = self.retriever.retrieve(part, k=k, show_progress=False, n_threads=n_threads,
+                                           backend_selection=self.backend if self.backend == "numba" else "numpy")
+            return np.asarray(d, dtype=np.int64), np.asarray(s, dtype=np.float32)
+
+        if self.backend != "numba" or not cached_numba_kernel():
+            return one(toks, threads)
+        n = max(1, min(threads, len(toks)))
+        if n == 1:
+            return one(toks)
+        bounds = np.linspace(0, len(toks), n + 1).astype(int)
+        with ThreadPoolExecutor(n) as pool:
+            parts = list(pool.map(one, [toks[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
