@@ -159,7 +159,7 @@ def test_kill9_mid_batch_resumes_without_loss_or_duplicates(calibrated):
 
 
 def test_agreement_report(calibrated):
-    cfg = acfg()
+    cfg = acfg(agreement_sample=1000)
     with Store.open(calibrated) as s:
         rep = agreement.run(cfg, s, progress=False)
         calib = {q for (q,) in s.exec("SELECT DISTINCT query_id FROM human_labels WHERE split = 'calib'")}
@@ -170,17 +170,18 @@ def test_agreement_report(calibrated):
     for j in rep["judges"].values():
         assert 0.4 < j["accuracy"] <= 1 and np.array(j["confusion"]).sum() == j["n"]
     # the promise of `assay calibrate`: the cascade keeps its best judge's accuracy within agreement_tolerance. Checked
-    # on pairs the fit never saw: the 2,000 mined pairs of "mined vs truth" (no human label, so not in the calib
-    # split; graded by the simulator's truth), the distribution the cascade labels. Measured: cascade 0.763, ce-fast
-    # 0.760, ce-full 0.714. A cascade that sent every pair to ce-full alone (0.714) would fail; `0 < compute ratio
-    # < 2`, the check this replaces, accepted any cascade at all.
+    # on pairs the fit never saw: 1,000 mined pairs of "mined vs truth" (no human label, so not in the calib split;
+    # graded by the simulator's truth), the distribution the cascade labels. Measured: cascade 0.735, ce-fast 0.735,
+    # ce-full 0.701 (on the default 2,000 pairs: 0.763, 0.760, 0.714; the sample is halved for the suite's time, 85 s
+    # -> 56 s). A cascade that sent every pair to ce-full alone (0.701) would fail; `0 < compute ratio < 2`, the
+    # check this replaces, accepted any cascade at all.
     mined = rep["distributions"]["mined vs truth"]
     mc, mbest = mined["cascade"], mined["judges"][mined["best_judge"]]["accuracy"]
     print(f"\nmined vs truth ({mined['pairs']} pairs): cascade {mc['accuracy']:.4f}, best judge ({mined['best_judge']}) "
           f"{mbest:.4f}; human eval ({rep['pairs']} pairs): cascade {c['accuracy']:.4f}, best judge "
           f"({rep['best_judge']}) {rep['judges'][rep['best_judge']]['accuracy']:.4f}; tolerance {cfg.agreement_tolerance}; "
           f"compute vs last judge {c['compute_vs_last_judge']}")
-    assert mined["pairs"] == 2000 and mc["accuracy"] >= mbest - cfg.agreement_tolerance, (mc, mbest)
+    assert mined["pairs"] == 1000 and mc["accuracy"] >= mbest - cfg.agreement_tolerance, (mc, mbest)
     # On the 377 human eval pairs the cascade lands 1.9 points below ce-full (0.504 vs 0.523), outside the tolerance;
     # with a standard error of 2.6 points per accuracy on so few pairs that gap is not resolved, so it is printed
     # above, not asserted (reported to the integrator).
