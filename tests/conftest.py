@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# assay's user cache (a GGUF model's converted weights): one folder for the session's processes, not ~/.cache
+if "ASSAY_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["ASSAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="assay-test-cache-")
 # One OpenMP thread per test process. Measured here: with 2 threads, bf16 MiniLM encoding inside a
 # long pytest process (after numba, faiss and torch training have run in it) slowed down 10x or
 # more, while 1 thread ran the mining tests in 70 s. Single-thread tests are also stable when the

@@ -264,6 +264,29 @@ def test_llm_classifier_lora_round_trip(labeled, tmp_path):
     assert np.ptp(a.probs[:, 0]) > 0  # the head reads each pair, not a constant
     with pytest.raises(Exception, match="lora_r"):
         load_judge(cfg.model_copy(update={"lora_r": 4}), tmp_path)
+    # the GGUF was converted once (the user cache); a process that loads the base again reads that copy: the same
+    # weights and tokenizer, and loading draws nothing from torch's generator (the seeded head does not depend on it)
+    import torch
+
+    from assay.annotate.judges import llm_classifier as lc
+    from assay.models import resolve
+
+    resolved = resolve("smollm2-135m")
+    assert (lc.gguf_cache_dir(resolved) / "done.json").exists()
+    first = lc._BASES.pop((resolved.path, resolved.gguf_file))
+    try:
+        torch.manual_seed(5)
+        again = lc.load_base(resolved)
+        drawn = torch.rand(2)
+        torch.manual_seed(5)
+        assert torch.equal(drawn, torch.rand(2))
+        body = {k: v for k, v in first[0].state_dict().items() if not k.startswith("score.")}
+        assert body.keys() == {k for k in again[0].state_dict() if not k.startswith("score.")}
+        assert all(torch.equal(v, again[0].state_dict()[k]) for k, v in body.items())
+        text = render("llm_classifier_input.j2", **probe[0].context())
+        assert first[1](text)["input_ids"] == again[1](text)["input_ids"] and first[1].pad_token == again[1].pad_token
+    finally:
+        lc._BASES[(resolved.path, resolved.gguf_file)] = first
 
 
 def test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives(trained_ce, labeled, tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,12 @@ _BASES: dict[tuple[str, str | None], tuple[torch.nn.Module, object]] = {}
 
 def load_base(resolved) -> tuple[torch.nn.Module, object]:
     """The base (model with a fresh 5-class head, tokenizer) of a resolved model, loaded once per
-    process. Callers must copy the model before changing it (LoRA injects into it)."""
+    process. Callers must copy the model before changing it (LoRA injects into it). Loading draws nothing from
+    torch's random generator (the caller seeds the head it trains, whatever this process loaded before).
+
+    A GGUF model is read once per machine: transformers parses and dequantizes the GGUF in Python (measured: 34 s
+    for SmolLM2-135M, config, tokenizer and weights), so its float32 weights (less the head) and its tokenizer are
+    kept in the user cache (``gguf_cache_dir``) and later processes load those (about 1 s)."""
     key = (resolved.path, resolved.gguf_file)
     if key in _BASES:
         return _BASES[key]
@@ -54,7 +60,10 @@ def load_base(resolved) -> tuple[torch.nn.Module, object]:
 
     labels = {"id2label": dict(enumerate(GRADE_NAMES)), "label2id": {n: i for i, n in enumerate(GRADE_NAMES)}}
     t0 = time.perf_counter()
-    if resolved.kind == "gguf":
+    cached = gguf_cache_dir(resolved) if resolved.kind == "gguf" else None
+    if cached is not None and (cached / "done.json").exists():
+        src = {"pretrained_model_name_or_path": str(cached), "local_files_only": True}
+    elif resolved.kind == "gguf":
         try:
             import gguf  # noqa: F401
         except ImportError:  # pragma: no cover - gguf is a dependency of the llm_classifier path
@@ -63,17 +72,65 @@ def load_base(resolved) -> tuple[torch.nn.Module, object]:
                "local_files_only": True}
     else:
         src = {"pretrained_model_name_or_path": resolved.path, "local_files_only": resolved.is_local}
-    tokenizer = AutoTokenizer.from_pretrained(**src)
-    model = AutoModelForSequenceClassification.from_pretrained(**src, num_labels=len(GRADE_NAMES),
-                                                               dtype=torch.float32, **labels)
+    with torch.random.fork_rng():
+        tokenizer = AutoTokenizer.from_pretrained(**src)
+        model = AutoModelForSequenceClassification.from_pretrained(**src, num_labels=len(GRADE_NAMES),
+                                                                   dtype=torch.float32, **labels)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
+    if cached is not None and "gguf_file" in src:
+        _keep_converted(model, tokenizer, cached)
     log.info("loaded base %s%s in %.1fs", resolved.path, f" ({resolved.gguf_file})" if resolved.gguf_file else "",
              time.perf_counter() - t0)
     _BASES[key] = (model, tokenizer)
     return _BASES[key]
+
+
+def gguf_cache_dir(resolved) -> Path:
+    """Where a GGUF model's transformers form is kept: ``$ASSAY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/assay``, or
+    ``~/.cache/assay``) ``/gguf-hf/<sha of the GGUF file>``."""
+    from assay.models import model_sha
+
+    root = os.environ.get("ASSAY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "assay")
+    return Path(root) / "gguf-hf" / model_sha(resolved)
+
+
+def _keep_converted(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Write the converted base to ``folder`` (written aside, then renamed; another process's copy wins). The head
+    is left out, so a load from the cache initialises it as a load from the GGUF does. A cache that cannot be
+    written (read-only home) only costs the next process the GGUF parse again, and the log says so."""
+    import json
+    import shutil
+
+    import transformers
+
+    head = _head_name(model)
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        tokenizer.save_pretrained(tmp)
+        # (save_pretrained refuses a model transformers loaded from a GGUF: its weights are written here directly)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+                   if not k.startswith(head + ".")}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "done.json").write_text(json.dumps({"transformers": transformers.__version__}))
+        if not folder.exists():
+            tmp.rename(folder)
+    except OSError as e:
+        if (folder / "done.json").exists():  # another process renamed its copy first
+            return
+        log.warning("could not keep the converted GGUF model in %s (%s); the next process parses the GGUF again",
+                    folder, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:
