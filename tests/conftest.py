@@ -12,11 +12,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# assay's user cache (a GGUF model's converted weights): one folder for the session's processes, not ~/.cache
+# assay's user cache (a GGUF model's converted weights, 517 MB): one folder for the session's processes (the xdist
+# workers inherit it), not ~/.cache; the process that made it removes it when the session ends
+_OWN_CACHE_DIR = None
 if "ASSAY_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["ASSAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="assay-test-cache-")
+    _OWN_CACHE_DIR = os.environ["ASSAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="assay-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE_DIR:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 # One OpenMP thread per test process. Measured here: with 2 threads, bf16 MiniLM encoding inside a
 # long pytest process (after numba, faiss and torch training have run in it) slowed down 10x or
 # more, while 1 thread ran the mining tests in 70 s. Single-thread tests are also stable when the
