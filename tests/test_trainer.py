@@ -369,10 +369,14 @@ def test_curriculum_trains_selects_and_records(curriculum_ws, monkeypatch):
 
     # a wide console of its own: assay.cli's is sized when imported, from COLUMNS if the environment sets it
     monkeypatch.setattr(cli, "console", Console(width=250))
-    # the same settings: every phase is finished, so the command reuses them (done.json) and trains nothing again
-    same = [*TINY_SET, "train.stages=" + json.dumps(stages)]
+    # the same settings (query spelling off, as in run_train above: the speller is part of what a model learns from,
+    # so it would be another training folder): every phase is finished, so the command reuses them (done.json) and
+    # trains nothing again
+    same = [*TINY_SET, "train.stages=" + json.dumps(stages), "spell.enabled=false"]
+    folders = sorted((curriculum_ws / "artifacts" / "train").iterdir())
     r = CliRunner().invoke(cli.app, ["train", "-w", str(curriculum_ws), "-q", *[a for x in same for a in ("--set", x)]])
     assert r.exit_code == 0, r.output
+    assert sorted((curriculum_ws / "artifacts" / "train").iterdir()) == folders == [Path(s["folder"])]
     gains = re.findall(r"stage 1[+23]* +│ 0\.\d{4} +│ \d+ +│ [+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] P [01]\.\d\d"
                        r" +│ [01]\.\d{4} +│ - +│ - +│ - ", r.output)
     assert len(gains) == 3, r.output
@@ -437,7 +441,10 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         retrieval = {"val_metric": "retrieval", "val_catalog_random": 100, "val_max_queries": 2, "eval_every": 6}
         # (the click baseline, trained from engagement, is trained and evaluated end to end in test_pipeline's main
         # job; its step budget comes from the same code as these two)
-        out = {b: run_train(tiny_cfg(**(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
+        # at the curriculum test's learning rate (at the default 2e-5 the graded baseline measured -0.0003 against the
+        # base encoder: 12 steps do not move the tiny model)
+        out = {b: run_train(tiny_cfg(baseline_learning_rate=CURRICULUM_TEST_LR,
+                                     **(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
                             progress=False) for b in ("binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():
@@ -453,7 +460,8 @@ def test_baselines_share_the_step_budget(curriculum_ws):
             assert all(0 <= h["val_embarrassing"] <= 1 and 0 < h["val_judged"] <= 1 and 0 < h["val_rerank"] <= 1
                        for h in p["history"])
     assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 100  # + random items
-    # the graded baseline (rerank validation, as the curriculum) improves over the base encoder
+    # the graded baseline (rerank validation, as the curriculum) improves over the base encoder (measured at 2e-4,
+    # training seeds 13, 1 and 2: +0.071, +0.003 and +0.050 NDCG@10 on the 7 validation queries with labeled pools)
     assert out["graded"]["phases"]["baseline-graded"]["vs_base_encoder"] > 0, {
         b: s["phases"][f"baseline-{b}"]["vs_base_encoder"] for b, s in out.items()}
     models = [r["model"] for r in out["graded"]["ablation"]]
