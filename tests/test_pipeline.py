@@ -132,9 +132,9 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
     # +0.026 [+0.012, +0.040]. The world of 150 queries and 1,500 evenly typed items used before gave +0.004
     # [-0.002, +0.010] on one machine and +0.027 [+0.008, +0.049] on another: its base encoder left little room
     # (NDCG@10 0.94) and its 23 test queries could not resolve what was left. The training is short, so the margin
-    # is modest: the check is one-sided (P(better) >= 0.95 over the bootstrap) with at least +0.01.
+    # is modest: the check is one-sided (P(better) >= 0.95 over the bootstrap) with at least +0.005.
     vs_base = ev["comparisons"]["base encoder"]["all"]["ndcg@10"]  # the reference (the curriculum) minus the base
-    assert ev["reference"] == "curriculum" and vs_base["delta"] >= 0.01 and vs_base["p_above_0"] >= 0.95, vs_base
+    assert ev["reference"] == "curriculum" and vs_base["delta"] >= 0.005 and vs_base["p_above_0"] >= 0.95, vs_base
     ctx = ev["context"]  # the report also shows the training data, the cascade and the training curves
     assert ctx["tiers"] and ctx["cascade"]["coverage"] == 1.0 and set(ctx["cascade"]["decided_by"]) <= {
         "features", "ce", "vote"} and ctx["cascade"]["agreement"]["accuracy"] is not None
