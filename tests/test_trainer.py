@@ -442,10 +442,11 @@ def test_baselines_share_the_step_budget(curriculum_ws):
         # (the click baseline, trained from engagement, is trained and evaluated end to end in test_pipeline's main
         # job; its step budget comes from the same code as these two)
         # at the curriculum test's learning rate (at the default 2e-5 the graded baseline measured -0.0003 against the
-        # base encoder: 12 steps do not move the tiny model)
+        # base encoder: 12 steps do not move the tiny model); graded validates on up to 24 queries (15-20 have labeled
+        # pools), since on 8 (7 with pools) its gain over the base encoder was one query flipping (below)
         out = {b: run_train(tiny_cfg(baseline_learning_rate=CURRICULUM_TEST_LR,
-                                     **(retrieval if b == "binary" else {})), store, TORCH, baseline=b,
-                            progress=False) for b in ("binary", "graded")}
+                                     **(retrieval if b == "binary" else {"val_max_queries": 24})), store, TORCH,
+                            baseline=b, progress=False) for b in ("binary", "graded")}
         names = store.exec("SELECT DISTINCT name FROM checkpoints ORDER BY 1")
     for b, s in out.items():
         p = s["phases"][f"baseline-{b}"]
@@ -460,8 +461,11 @@ def test_baselines_share_the_step_budget(curriculum_ws):
             assert all(0 <= h["val_embarrassing"] <= 1 and 0 < h["val_judged"] <= 1 and 0 < h["val_rerank"] <= 1
                        for h in p["history"])
     assert out["binary"]["val_metric"] == "retrieval" and out["binary"]["data"]["val_catalog"] > 100  # + random items
-    # the graded baseline (rerank validation, as the curriculum) improves over the base encoder (measured at 2e-4,
-    # training seeds 13, 1 and 2: +0.071, +0.003 and +0.050 NDCG@10 on the 7 validation queries with labeled pools)
+    # the graded baseline (rerank validation, as the curriculum) improves over the base encoder. Measured at 2e-4 on
+    # the 15-20 validation queries with labeled pools, training seeds 13 (the test's), 1, 2, 4 and 5: +0.026, +0.014,
+    # +0.083, +0.011, +0.009; seed 3: -0.002 (on 8 queries, 7 with pools, seeds 13 and 1-6: +0.071, +0.003, +0.050,
+    # +0.050, +0.071, -0.010, +0.043).
+    # Twelve steps on this world move validation by about one query's worth, so this holds for most seeds, not all.
     assert out["graded"]["phases"]["baseline-graded"]["vs_base_encoder"] > 0, {
         b: s["phases"][f"baseline-{b}"]["vs_base_encoder"] for b, s in out.items()}
     models = [r["model"] for r in out["graded"]["ablation"]]
