@@ -129,7 +129,7 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
     # the trained model beats the base encoder on the world's held-out test queries, by a margin the paired bootstrap
     # over those queries resolves. Measured on this world (138 test queries), training seeds 13 (the default), 1, 2
     # and 3: +0.016 NDCG@10 [95% interval +0.002, +0.029], +0.027 [+0.014, +0.039], +0.013 [+0.004, +0.022] and
-    # +0.026 [+0.012, +0.040]. The world of 150 queries and 1,500 evenly typed items used before gave +0.004
+    # +0.026 [+0.012, +0.040]. The world used before (150 queries, 1,500 items, the default type mix) gave +0.004
     # [-0.002, +0.010] on one machine and +0.027 [+0.008, +0.049] on another: its base encoder left little room
     # (NDCG@10 0.94) and its 23 test queries could not resolve what was left. The training is short, so the margin
     # is modest: the check is one-sided (P(better) >= 0.95 over the bootstrap) with at least +0.005.
