@@ -81,8 +81,19 @@ def quantization(tmp: Path) -> dict:
     t0 = time.perf_counter()
     inference._quantize(src, tmp / "assay.onnx")
     ours = time.perf_counter() - t0
-    same = (tmp / "peer.onnx").read_bytes() == (tmp / "assay.onnx").read_bytes()
-    return {"peer_s": round(peer, 2), "assay_s": round(ours, 2), "ratio": round(peer / ours, 1), "identical": same}
+    return row(peer, ours, identical=(tmp / "peer.onnx").read_bytes() == (tmp / "assay.onnx").read_bytes())
+
+
+def row(peer: float, ours: float, **extra) -> dict:
+    return {"peer_s": round(peer, 2), "assay_s": round(ours, 2), "ratio": round(peer / ours, 1), **extra}
+
+
+def fresh_pair(snippet: str, env: dict) -> dict:
+    """The peer in a new process, then assay twice in new processes: the first fills assay's on-disk cache, as the
+    first process on a machine does; the second is the one measured."""
+    peer = fresh(snippet.replace("{peer}", "True"), env)
+    fresh(snippet.replace("{peer}", "False"), env)
+    return row(peer, fresh(snippet.replace("{peer}", "False"), env))
 
 
 def main() -> None:
@@ -94,17 +105,9 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "ASSAY_CACHE_DIR": str(tmp / "cache"),
                "NUMBA_CACHE_DIR": str(tmp / "numba")}
         os.environ.update(OMP_NUM_THREADS="1")
-        rows = {"int8 export (MiniLM tower)": quantization(tmp)}
-        peer = fresh(BM25_SNIPPET.replace("{peer}", "True"), env)
-        fresh(BM25_SNIPPET.replace("{peer}", "False"), env)  # fills numba's cache, as the first process on a machine does
-        ours = fresh(BM25_SNIPPET.replace("{peer}", "False"), env)
-        rows["BM25 build + first search, new process"] = {"peer_s": round(peer, 2), "assay_s": round(ours, 2),
-                                                           "ratio": round(peer / ours, 1)}
-        peer = fresh(LLM_SNIPPET.replace("{peer}", "True"), env)
-        fresh(LLM_SNIPPET.replace("{peer}", "False"), env)  # converts the GGUF once, as the first process on a machine does
-        ours = fresh(LLM_SNIPPET.replace("{peer}", "False"), env)
-        rows["SmolLM2 classifier base load, new process"] = {"peer_s": round(peer, 2), "assay_s": round(ours, 2),
-                                                              "ratio": round(peer / ours, 1)}
+        rows = {"int8 export (MiniLM tower)": quantization(tmp),
+                "BM25 build + first search, new process": fresh_pair(BM25_SNIPPET, env),  # numba's cache
+                "SmolLM2 classifier base load, new process": fresh_pair(LLM_SNIPPET, env)}  # the converted GGUF
     print(f"{'what':45} {'peer s':>8} {'assay s':>8} {'peer/assay':>10}")
     for k, r in rows.items():
         extra = "" if "identical" not in r else f"  byte-identical: {r['identical']}"

@@ -12,18 +12,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# assay's user cache (a GGUF model's converted weights, 517 MB): one folder for the session's processes (the xdist
-# workers inherit it), not ~/.cache; the process that made it removes it when the session ends
-_OWN_CACHE_DIR = None
-if "ASSAY_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    _OWN_CACHE_DIR = os.environ["ASSAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="assay-test-cache-")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE_DIR:
-        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 # One OpenMP thread per test process. Measured here: with 2 threads, bf16 MiniLM encoding inside a
 # long pytest process (after numba, faiss and torch training have run in it) slowed down 10x or
 # more, while 1 thread ran the mining tests in 70 s. Single-thread tests are also stable when the
@@ -32,6 +20,26 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# assay's user cache (a GGUF model's converted weights, 517 MB): one folder for the session's processes (the xdist
+# workers, started after the controller's configure, inherit it), not ~/.cache; made when pytest configures (not when
+# this module is imported) and removed when the session ends, by the process that made it
+_OWN_CACHE_DIR = None
+
+
+def pytest_configure(config):
+    global _OWN_CACHE_DIR
+    if "ASSAY_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        _OWN_CACHE_DIR = os.environ["ASSAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="assay-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE_DIR:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
 
 # --------------------------------------------------------------------------- scheduling on two workers
 # `make test` runs pytest-xdist with --dist loadgroup --no-loadscope-reorder: each test is its own unit of work,
