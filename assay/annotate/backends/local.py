@@ -1,7 +1,10 @@
 """Local backend: a GGUF model in process through llama-cpp-python (CPU).
 
 - The model is ``assay.models.resolve(cfg.model)`` (a packaged alias such as ``smollm2-135m`` or a
-  ``.gguf`` path), loaded with ``n_ctx=cfg.n_ctx``, 2 threads, ``logits_all=False``.
+  ``.gguf`` path), loaded with ``n_ctx=cfg.n_ctx``, ``logits_all=False`` and ``OMP_NUM_THREADS`` threads (which
+  ``assay`` sets to ``store.threads``, default 2). llama.cpp's threads spin while they wait for each other, so more
+  threads than free cores is much slower, not a little: two 2-thread models on 2 cores took 68 s where two 1-thread
+  models took 40 s (tests/test_annotate_server.py's killed-server test, run twice at once).
 - Each prompt is the user message of a chat rendered with the model's own chat template; the answer
   is constrained by a grammar built from :data:`GRADE_SCHEMA` (so it is always
   ``{"grade": <0-4>, "confidence": <number>}`` unless ``max_tokens`` cuts it), temperature 0 and
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -49,7 +53,8 @@ PREFIX_CACHE_MODES = ("off", "kv", "ram")
 class LocalBackend:
     name = "local"
 
-    def __init__(self, cfg, prefix_cache: str = "kv", cache_bytes: int = 256 << 20, n_threads: int = 2):
+    def __init__(self, cfg, prefix_cache: str = "kv", cache_bytes: int = 256 << 20,
+                 n_threads: int | None = None):
         try:
             import llama_cpp
         except ImportError:
@@ -67,6 +72,7 @@ class LocalBackend:
         self.model_id = f"{cfg.model}@local"
         self.prefix_cache = prefix_cache
         self.logits_all = getattr(cfg, "scoring", "generate") == "likelihood"
+        n_threads = n_threads or int(os.environ.get("OMP_NUM_THREADS") or 2)
         self.llm = llama_cpp.Llama(model_path=r.path, n_ctx=cfg.n_ctx, n_threads=n_threads,
                                    logits_all=self.logits_all, verbose=False)
         if prefix_cache == "ram":
