@@ -364,6 +364,31 @@ def labeled_workspace(labeled_master, tmp_path) -> Path:
     return copy_ws(labeled_master, tmp_path / "lws")
 
 
+@pytest.fixture(scope="session")
+def eval_master(labeled_master, tmp_path_factory) -> Path:
+    """The labeled workspace after `assay curriculum` (a tenth of the queries held out for test), with the base
+    encoder's catalog vectors cached for the default backend (int8 ONNX, its guard measured), as a workspace is
+    after its first evaluation. Built once: test_eval.py's tests measure evaluation, and the first encoding of a
+    catalog is tested where it is the subject (test_inference.py, test_serving.py's export). test_serving.py serves
+    a copy, as `assay serve` serves a workspace after `assay run`: the page's base encoder column reads these vectors.
+    (Evaluated on the default backend, as `assay evaluate` does: PyTorch vectors of the 3,000 items cost about 60 s
+    more to cache.)"""
+    from assay.config import AssayConfig, CurriculumConfig
+    from assay.curriculum import run as run_curriculum
+    from assay.eval.retrieval import evaluate
+    from assay.store import Store
+
+    def build(folder: Path) -> Path:
+        ws = copy_ws(labeled_master, folder / "ws")
+        with Store.open(ws) as store:
+            run_curriculum(CurriculumConfig(test_fraction=0.1), store)
+            evaluate(store, {"base encoder": "base"}, split="test", progress=False, backend_cfg=AssayConfig(),
+                     bootstrap=0)
+        return ws
+
+    return built_once(tmp_path_factory, "eval", build)
+
+
 # The cascade of the annotation tests: two real MiniLM cross-encoders with different budgets (a cheap one and a better
 # one), trained on the tiny world's human train split, so the suite stays fast on 2 CPU cores.
 ANNOTATE_JUDGES = [

@@ -14,29 +14,6 @@ from assay.config import CurriculumConfig
 from assay.store import Store
 
 
-@pytest.fixture(scope="session")
-def eval_master(labeled_master, tmp_path_factory) -> Path:
-    """The labeled workspace after `assay curriculum` (a tenth of the queries held out for test), with the base
-    encoder's catalog vectors cached for the default backend (int8 ONNX, its guard measured), as a workspace is
-    after its first evaluation. Built once: the tests below measure evaluation, and the first encoding of a catalog
-    is tested where it is the subject (test_inference.py, test_serving.py). (The tests evaluate on the default
-    backend, as `assay evaluate` does: PyTorch vectors of the 3,000 items cost about 60 s more to cache.)"""
-    from assay.config import AssayConfig
-    from assay.curriculum import run as run_curriculum
-    from assay.eval.retrieval import evaluate
-    from conftest import built_once, copy_ws
-
-    def build(folder: Path) -> Path:
-        ws = copy_ws(labeled_master, folder / "ws")
-        with Store.open(ws) as store:
-            run_curriculum(CurriculumConfig(test_fraction=0.1), store)
-            evaluate(store, {"base encoder": "base"}, split="test", progress=False, backend_cfg=AssayConfig(),
-                     bootstrap=0)
-        return ws
-
-    return built_once(tmp_path_factory, "eval", build)
-
-
 @pytest.fixture()
 def curriculum_ws(eval_master, tmp_path) -> Path:
     from conftest import copy_ws

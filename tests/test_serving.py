@@ -21,9 +21,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(mined_master, tmp_path_factory):
+def exported(eval_master, tmp_path_factory):
+    """A base-model checkpoint exported (flat and HNSW) from a copy of the workspace `assay evaluate` has seen
+    (conftest.eval_master): (workspace, checkpoint, flat summary, hnsw summary)."""
     root = tmp_path_factory.mktemp("serve")
-    ws = copy_ws(mined_master[0], root / "ws")
+    ws = copy_ws(eval_master, root / "ws")
     ckpt = root / "ckpt"
     TwoTower.from_base("all-MiniLM-L6-v2").save(ckpt)
     cfg = AssayConfig(serve=ServeConfig(recall_sample=50))
@@ -221,10 +223,16 @@ def test_the_real_server_answers_and_rejects_bad_requests(server):
     text = _graded_query(ws)
     from urllib.parse import quote
 
+    cache, exports = ws / "artifacts" / "embeddings", ws / "artifacts" / "onnx"
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*")), sorted(p.name for p in exports.iterdir())
     status, cmp = _http(f"{base}/compare?k=10&q={quote(text)}")
     assert status == 200 and [s["name"] for s in cmp["systems"]] == ["BM25", "base encoder", "trained model"]
     assert all(len(s["hits"]) == 10 for s in cmp["systems"]) and cmp["graded"]
     assert any(h["grade"] is not None for s in cmp["systems"] for h in s["hits"])
+    # the base encoder column reads the catalog vectors `assay evaluate` cached, through the export evaluate made and
+    # guarded: the first comparison exports and encodes nothing (it used to run the base encoder on PyTorch, a cache
+    # key of its own, and encode the whole catalog: a new cache folder here)
+    assert (sorted(p.relative_to(cache) for p in cache.rglob("*")), sorted(p.name for p in exports.iterdir())) == before
     status, err = _http(f"{base}/compare?q=%20")
     assert status == 422 and "empty" in json.dumps(err)
 
