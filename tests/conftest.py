@@ -46,46 +46,47 @@ def pytest_sessionfinish(session, exitstatus):
 # except the files below, whose module fixtures are costly to build twice (or that start a local Ray, or whose tests
 # would wait for each other: a second worker that needs a built_once master the first is still building idles until
 # it is done, as test_eval.py's tests did for 58 s): they stay together on one worker. Units are sent longest first
-# (seconds, setup + call, from `--durations` on 2026-12-07; a test not listed counts 1 s), so that both workers
-# finish at about the same time instead of one running the last long file alone. The numbers only order the work; a
-# stale one costs time, never a result.
+# (seconds, setup + call, from `--durations` of a full run at 31eca62 on 2026-12-07; a test not listed counts 1 s),
+# so that both workers finish at about the same time instead of one running the last long file alone. The numbers
+# only order the work; a stale one costs time, never a result. (Measured: a third worker on the 2 cores did not help,
+# 1,112 s against 1,096 s for the same tree: the two workers keep both cores busy.)
 ONE_WORKER_FILES = {"test_ray.py", "test_serving.py", "test_features_judge.py", "test_inference.py", "test_audit.py",
                     "test_label_quality.py", "test_judges.py", "test_eval.py"}
+# files that build the same costly master share one worker (test_serving.py serves a copy of test_eval.py's eval_master)
+SAME_WORKER = {"test_eval.py": "test_serving.py"}
 MEASURED_SECONDS = {
-    "test_curriculum_on_real_cascade_labels_tiers_pairs_by_their_true_relevance": 364,
-    "test_main_job_runs_skips_when_current_and_reruns_what_changed": 327,
-    "test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives": 86,
-    "test_likelihood_scoring_grades_relevant_pairs_above_irrelevant": 77, "test_llm_classifier_lora_round_trip": 74,
-    "test_server_killed_mid_run_then_rerun_completes_without_duplicates": 73,
-    "test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth": 70,
-    "test_cross_encoder_saves_loads_and_predicts": 67,
-    "test_encoder_exports_agree_with_torch_and_are_cached_by_sha_and_backend": 63,
-    "test_agreement_reports_seed_and_mined_distributions": 61,
-    "test_export_writes_a_manifest_bound_to_the_checkpoint": 52, "test_agreement_report": 52,
-    "test_the_real_server_answers_and_rejects_bad_requests": 52, "test_openai_backend_through_llama_server": 51,
-    "test_local_prefix_cache_modes_give_the_same_answer": 48, "test_baselines_share_the_step_budget": 46,
-    "test_kill_9_resumes_to_the_same_model": 45, "test_driver_killed_mid_execute_rerun_skips_finished_shards": 36,
+    "test_curriculum_on_real_cascade_labels_tiers_pairs_by_their_true_relevance": 366,
+    "test_main_job_runs_skips_when_current_and_reruns_what_changed": 326,
+    "test_export_writes_a_manifest_bound_to_the_checkpoint": 137,
+    "test_keyword_stuffing_is_resisted_by_training_on_stuffed_negatives": 88,
+    "test_cross_encoder_saves_loads_and_predicts": 72, "test_llm_classifier_lora_round_trip": 69,
+    "test_agreement_reports_seed_and_mined_distributions": 62,
+    "test_encoder_exports_agree_with_torch_and_are_cached_by_sha_and_backend": 61, "test_agreement_report": 61,
+    "test_baselines_share_the_step_budget": 59, "test_kill_9_resumes_to_the_same_model": 46,
+    "test_likelihood_scoring_grades_relevant_pairs_above_irrelevant": 45,
+    "test_driver_killed_mid_execute_rerun_skips_finished_shards": 37,
+    "test_ray_grades_equal_local_and_commit_twice_changes_nothing": 36,
+    "test_embedding_cache_skips_unchanged_items": 36,
     "test_mixed_bce_baseline_and_best_checkpoint_span_curriculum_and_baselines": 35,
-    "test_ray_grades_equal_local_and_commit_twice_changes_nothing": 34,
-    "test_cross_encoder_runs_on_onnx_within_the_accuracy_guard": 30, "test_embedding_cache_skips_unchanged_items": 28,
-    "test_training_reads_the_real_cascades_grades_and_confidences": 27,
-    "test_curriculum_trains_selects_and_records": 26, "test_two_tower_on_onnx_matches_torch": 13,
-    "test_injected_titles_do_not_raise_grades": 24,
+    "test_server_killed_mid_run_then_rerun_completes_without_duplicates": 29,
+    "test_cross_encoder_runs_on_onnx_within_the_accuracy_guard": 28, "test_two_tower_on_onnx_matches_torch": 12,
+    "test_training_reads_the_real_cascades_grades_and_confidences": 23,
     "test_worker_killed_mid_shard_completes_without_loss_or_duplicates": 21,
-    "test_export_carries_lineage_in_every_format": 21, "test_torchrun_two_processes_gather_in_batch_negatives": 21,
-    "test_poisoned_pair_fails_alone_and_the_next_plan_picks_it_up": 19,
-    "test_commit_refuses_foreign_miscounted_and_partial_shards": 18,
-    "test_annotate_writes_labels_and_votes_and_is_idempotent": 17,
-    "test_hostile_catalog_does_not_move_cascade_grades": 17,
+    "test_torchrun_two_processes_gather_in_batch_negatives": 20, "test_injected_titles_do_not_raise_grades": 20,
+    "test_poisoned_pair_fails_alone_and_the_next_plan_picks_it_up": 19, "test_openai_backend_through_llama_server": 19,
+    "test_export_carries_lineage_in_every_format": 19, "test_curriculum_trains_selects_and_records": 19,
+    "test_commit_refuses_foreign_miscounted_and_partial_shards": 19,
+    "test_annotate_writes_labels_and_votes_and_is_idempotent": 18,
+    "test_stage_without_gain_is_skipped_and_next_starts_from_previous_best": 16,
     "test_kill9_mid_batch_resumes_without_loss_or_duplicates": 16,
-    "test_stage_without_gain_is_skipped_and_next_starts_from_previous_best": 15,
-    "test_trained_judges_calibrators_lower_ece_on_pairs_they_did_not_see": 15,
+    "test_hostile_catalog_does_not_move_cascade_grades": 16,
+    "test_trained_judges_calibrators_lower_ece_on_pairs_they_did_not_see": 14,
+    "test_local_prefix_cache_modes_give_the_same_answer": 14,
     "test_a_catalog_update_relabels_exactly_the_pairs_whose_texts_changed": 14,
-    "test_item_tower_encoding_on_ray_fills_the_checkpoint_vector_cache": 11,
-    "test_bad_input_names_the_missing_step": 11, "test_likelihood_scoring_over_http_equals_local": 10,
-    "test_the_server_under_a_bounded_load_answers_every_request": 10,
+    "test_item_tower_encoding_on_ray_fills_the_checkpoint_vector_cache": 12,
+    "test_bad_input_names_the_missing_step": 12, "test_the_server_under_a_bounded_load_answers_every_request": 10,
     "test_features_judge_trains_calibrates_and_settles_clear_negatives": 10,
-    "test_kill9_mid_mining_resumes_to_the_uninterrupted_result": 9,
+    "test_catalog_encoding_on_ray_fills_the_embedding_cache": 9,
 }
 
 
@@ -95,14 +96,19 @@ def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     seconds = {}
+
+    def group(it) -> str:
+        name = it.path.name
+        return SAME_WORKER.get(name, name) if name in ONE_WORKER_FILES else ""
+
     for it in items:
-        if it.path.name in ONE_WORKER_FILES:
-            it.add_marker(pytest.mark.xdist_group(it.path.name))
-            seconds[it.path.name] = seconds.get(it.path.name, 0) + MEASURED_SECONDS.get(it.originalname, 1)
+        if group(it):
+            it.add_marker(pytest.mark.xdist_group(group(it)))
+            seconds[group(it)] = seconds.get(group(it), 0) + MEASURED_SECONDS.get(it.originalname, 1)
     order = {id(it): i for i, it in enumerate(items)}
 
     def unit(it):
-        name = it.path.name if it.path.name in ONE_WORKER_FILES else ""
+        name = group(it)
         return -(seconds[name] if name else MEASURED_SECONDS.get(it.originalname, 1)), name, order[id(it)]
 
     items.sort(key=unit)
