@@ -20,8 +20,9 @@ whether a token is required). ``/manifest`` shows file paths relative to the wor
 The app refuses to start when the index manifest does not match its checkpoint (assay.serving.index.Served). The
 workspace is opened read-only. The base encoder runs on ``models.backend`` with its accuracy guard, as `assay evaluate`
 runs it, so its catalog vectors come from the embedding cache evaluate filled (before, it ran on PyTorch, whose
-vectors are cached under another key: the first comparison encoded the whole catalog again, 44 s for 3,000 items on
-one core); in a workspace no evaluation has seen they are encoded once, at the first comparison.
+vectors are cached under another key: the first comparison encoded the whole catalog again, which made the server
+test's call 44 s for 3,000 items on one core); in a workspace no evaluation has seen they are encoded once, at the
+first comparison (the guard reads the workspace read-only).
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the request model from the real annotation
