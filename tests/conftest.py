@@ -243,7 +243,8 @@ def start_llama_server(log_path: Path, port: int | None = None, timeout_s: float
     # one thread, as every test process has (OMP_NUM_THREADS=1): llama.cpp's threads spin while they wait, so two
     # 2-thread models on the 2 cores took 68 s where two 1-thread models took 40 s
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve("smollm2-135m").path, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
+           "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+           "--n_threads_batch", "1"]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

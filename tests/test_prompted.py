@@ -271,6 +271,20 @@ def test_local_backend_annotates(local_judge):
     assert (out.grade == out.extra["stated_grade"]).all()  # greedy under the grammar picks the argmax digit
 
 
+def test_local_backend_runs_on_the_threads_it_was_given(local_judge, monkeypatch):
+    """Prompts and generation on OMP_NUM_THREADS threads (the CLI sets it to store.threads): llama.cpp's threads spin
+    while they wait, so a model on more threads than it was given slows every other process on the machine."""
+    from assay.annotate.backends.local import LocalBackend
+
+    for n in ("1", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", n)
+        backend = LocalBackend(local_judge.cfg)
+        try:
+            assert backend.llm.n_threads == backend.llm.n_threads_batch == int(n)
+        finally:
+            backend.close()
+
+
 def test_local_prefix_cache_modes_give_the_same_answer(local_judge):
     from assay.annotate.backends.local import LocalBackend
 
@@ -590,8 +604,8 @@ class CompletionsServer(LoopbackServer):
 
         from assay.models import resolve
 
-        self.llm = llama_cpp.Llama(model_path=resolve("smollm2-135m").path, n_ctx=2048, n_threads=1, logits_all=True,
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(model_path=resolve("smollm2-135m").path, n_ctx=2048, n_threads=1,
+                                   n_threads_batch=1, logits_all=True, verbose=False)
         self.lock = threading.Lock()
         super().__init__()
 

@@ -1,10 +1,11 @@
 """Local backend: a GGUF model in process through llama-cpp-python (CPU).
 
 - The model is ``assay.models.resolve(cfg.model)`` (a packaged alias such as ``smollm2-135m`` or a
-  ``.gguf`` path), loaded with ``n_ctx=cfg.n_ctx``, ``logits_all=False`` and ``OMP_NUM_THREADS`` threads (which
-  ``assay`` sets to ``store.threads``, default 2). llama.cpp's threads spin while they wait for each other, so more
-  threads than free cores is much slower, not a little: two 2-thread models on 2 cores took 68 s where two 1-thread
-  models took 40 s (tests/test_annotate_server.py's killed-server test, run twice at once).
+  ``.gguf`` path), loaded with ``n_ctx=cfg.n_ctx``, ``logits_all=False`` and ``OMP_NUM_THREADS`` threads for
+  prompts and generation alike (which ``assay`` sets to ``store.threads``, default 2). llama.cpp's threads spin
+  while they wait for each other, so more threads than free cores is much slower, not a little: two 2-thread models
+  on 2 cores took 68 s where two 1-thread models took 40 s (tests/test_annotate_server.py's killed-server test, run
+  twice at once).
 - Each prompt is the user message of a chat rendered with the model's own chat template; the answer
   is constrained by a grammar built from :data:`GRADE_SCHEMA` (so it is always
   ``{"grade": <0-4>, "confidence": <number>}`` unless ``max_tokens`` cuts it), temperature 0 and
@@ -73,7 +74,8 @@ class LocalBackend:
         self.prefix_cache = prefix_cache
         self.logits_all = getattr(cfg, "scoring", "generate") == "likelihood"
         n_threads = n_threads or int(os.environ.get("OMP_NUM_THREADS") or 2)
-        self.llm = llama_cpp.Llama(model_path=r.path, n_ctx=cfg.n_ctx, n_threads=n_threads,
+        # n_threads_batch too: llama-cpp-python evaluates prompts on cpu_count() threads unless told otherwise
+        self.llm = llama_cpp.Llama(model_path=r.path, n_ctx=cfg.n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                                    logits_all=self.logits_all, verbose=False)
         if prefix_cache == "ram":
             self.llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=cache_bytes))
