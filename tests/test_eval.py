@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from assay.cli import app
-from assay.config import CurriculumConfig
 from assay.store import Store
 
 
