@@ -1,7 +1,8 @@
 """The dense two-tower model at run time, shared by `assay export-index`, `assay serve` and `assay evaluate`:
 
 - which checkpoint a command means (``resolve_checkpoint``: a path, ``best`` or the newest kept curriculum checkpoint);
-- the backend it runs on (``open_backend``: PyTorch, or an ONNX export admitted by the accuracy guard);
+- the backend it runs on (``open_backend``: PyTorch, or an ONNX export admitted by the accuracy guard), and the base
+  encoder as evaluation and the search page open it (``open_base_encoder``);
 - the catalog's item-tower vectors (``item_vectors``, cached per checkpoint sha and backend in the on-disk
   embedding cache, which ``serve.engine: ray`` fills from Ray actors), the query vectors (``query_vectors``);
 - search over item vectors (``search_index``: any FAISS index; multi-head query towers re-score the union of their
@@ -123,6 +124,21 @@ def open_backend(model, cfg: AssayConfig, store: Store, item_texts: list[str]) -
     _, backend, notes = inference.choose(inference.resolve(mc.backend, mc.device), build,
                                          measure if n else None, limits, "two-tower model", "models.backend")
     return {"backend": backend, **notes}
+
+
+def open_base_encoder(base_model: str, store: Store, item_texts: list[str], backend_cfg: AssayConfig | None = None,
+                      device: str = "cpu"):
+    """The untrained two-tower model of ``base_model`` ("the base encoder"), as `assay evaluate` and the search page
+    both open it, so that they share its export and its cached catalog vectors: on ``backend_cfg``'s backend with its
+    guard (:func:`open_backend`; None = PyTorch), then keyed by the base weights' sha. The order matters: an untrained
+    model's export is keyed by its base weights and settings (``TwoTower.source_sha``) only while it has no sha.
+    Returns (model, guard result or None)."""
+    from assay.trainer.model import TwoTower
+
+    model = TwoTower.from_base(base_model, device=device)
+    guard = open_backend(model, backend_cfg, store, item_texts) if backend_cfg is not None else None
+    model.sha = model.info["base_model_sha"]
+    return model, guard
 
 
 def _val_data(cfg: AssayConfig, store: Store):

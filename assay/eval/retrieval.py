@@ -112,12 +112,11 @@ def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray,
     return "labels", out
 
 
-def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, sha: str, k: int) -> np.ndarray:
+def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, k: int) -> np.ndarray:
     """Exact top-k rows of the catalog for each query: the serving path (cached item vectors, flat index,
     soft-dot re-scoring for multi-head queries) with an exact index, so the numbers describe the model."""
     from assay.dense import exact_search, item_vectors, query_vectors
 
-    model.sha = model.sha or sha
     vecs = item_vectors(model, catalog.texts, artifacts, chunk=16384, progress=False)
     return exact_search(vecs, query_vectors(model, query_texts), k, model.beta)[1]
 
@@ -169,18 +168,14 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
             index, _ = bm25_index(store, catalog, bm25 or BM25Config(), progress=progress)
             hits = index.search(qtexts, k, threads=store.compute_threads).idx
         else:
+            from assay.dense import open_backend, open_base_encoder
+
             if what == "base":
-                model = TwoTower.from_base(base_model, device=device)
-                sha = model.info["base_model_sha"]
+                model, guard = open_base_encoder(base_model, store, catalog.texts, backend_cfg, device)
             else:
                 model = TwoTower.load(what, device=device)
-                sha = model.sha
-            guard = None
-            if backend_cfg is not None:
-                from assay.dense import open_backend
-
-                guard = open_backend(model, backend_cfg, store, catalog.texts)
-            hits = _dense_hits(model, catalog, qtexts, store.artifacts, sha, k)
+                guard = open_backend(model, backend_cfg, store, catalog.texts) if backend_cfg is not None else None
+            hits = _dense_hits(model, catalog, qtexts, store.artifacts, k)
         ranked_of[name] = [catalog.item_ids[hits[r][hits[r] >= 0]].tolist() for r in range(len(qids))]
         results[name], per_query[name] = _score(ranked_of[name], qids, judged, source, segments, t0)
         if what != "bm25" and guard is not None:

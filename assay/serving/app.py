@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from assay.config import AssayConfig
-from assay.dense import item_vectors, open_backend, search_index
+from assay.dense import item_vectors, open_base_encoder, search_index
 from assay.serving.index import MODES, Served
 from assay.store import Store
 
@@ -103,15 +103,9 @@ class _Base:
             if self._ready is None:
                 import faiss
 
-                from assay.trainer.model import TwoTower
-
-                model = TwoTower.from_base(self.cfg.train.base_model or self.cfg.models.embedder,
-                                           device=self.cfg.models.device)
                 catalog = self.served.catalog
-                # as `assay evaluate` does, in its order: the backend first (an untrained model's export is keyed by
-                # its base weights and settings), then the sha its catalog vectors are cached under
-                open_backend(model, self.cfg, self.store, catalog.texts)
-                model.sha = model.info["base_model_sha"]
+                model, _ = open_base_encoder(self.cfg.train.base_model or self.cfg.models.embedder, self.store,
+                                             catalog.texts, self.cfg, self.cfg.models.device)
                 vecs = item_vectors(model, catalog.texts, self.store.artifacts, self.cfg.serve.encode_chunk, False)
                 index = faiss.IndexFlatIP(vecs.shape[1])
                 index.add(vecs)
