@@ -146,6 +146,13 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
                               SELECT query_id, item_id FROM negatives) w WHERE NOT EXISTS (SELECT 1 FROM labels l
                               WHERE l.query_id = w.query_id AND l.item_id = w.item_id)""")
         assert pending == 0  # the main job labels every mined pair
+        # the features judge's cosine reads the vectors mining cached: the encoder and backend mining chose (int8
+        # ONNX under models.backend auto), no training pair's text encoded again
+        mined, taught = (json.loads(s.scalar(f"SELECT summary FROM runs WHERE stage = '{st}' ORDER BY started_at "
+                                             "LIMIT 1")) for st in ("mine", "teachers"))
+        feat = taught["judges"]["features"]
+        assert feat["encoder_backend"] == mined["encoder"]["backend"] == "onnx-int8", (feat, mined["encoder"])
+        assert feat["cosine_cache"]["encoded"] == 0 < feat["cosine_cache"]["cached"], feat
     second = pipeline.run(tiny_config(), ws, progress=False)
     assert all(r["status"] == "skipped (current)" for r in second["steps"]), second["steps"]
     assert second["evaluate"]["systems"] == ev["systems"]  # the newest evaluation is reported again

@@ -39,7 +39,7 @@ def prepare_judges(cfg: AnnotateConfig, store: Store) -> list:
         judge = load_judge(j, store.artifacts)
         if hasattr(judge, "use_backend"):
             judge.guard = choose_backend(judge, j, store)
-        elif j.inference not in ("auto", "torch"):
+        elif j.inference not in ("auto", "torch") and j.kind != "features":  # features: its encoder's backend
             raise ValueError(f"judge {j.name!r} (kind {j.kind}) runs on torch only; set its inference to torch or auto")
         if hasattr(judge, "bind"):  # judges that read the workspace (the features judge)
             judge.bind(store)

@@ -6,8 +6,11 @@ It reads no text through a neural network of its own. Per pair it gathers, from 
   relative to the query's best, ``n_channels`` and the mining ``prior``;
 - for mined negatives (``negatives``) the kind and the TF-IDF similarity used to pick them;
 - engagement of the pair (impressions, clicks, add-to-carts, orders, click rate);
-- the bi-encoder cosine of query and item text, from the embedding cache mining filled (``model`` and
-  ``max_length`` name the encoder; set them like ``mining.ann`` so the cache is hit; ``model: none`` drops it);
+- the bi-encoder cosine of query and item text, from the embedding cache mining filled (``model``, ``max_length``
+  and ``inference`` name the encoder and its backend; set them like ``mining.ann`` and ``models.backend`` so the
+  cache is hit; ``model: none`` drops it). The backend is chosen at training as mining chooses it (``auto``: int8
+  ONNX when it passes the accuracy guard, else fp32 ONNX) and recorded in the manifest, so the judge reads its
+  cosine from the encoder it learned from; changing ``inference`` asks for retraining;
 - lexical overlap of the query with the title and with the whole item text (share of query tokens found, whether
   the query's last token, usually the product type, is in the title or the category).
 
@@ -29,7 +32,8 @@ clean pair's (an edited title has no history).
 
 Saved to ``artifacts/teachers/<name>/model/`` as ``trees.npz`` (the fitted trees as numeric arrays,
 :mod:`assay.annotate.judges._trees`; loading it runs no code) plus ``manifest.json`` (config digest, feature list,
-scikit-learn version, the sha256 of ``trees.npz``). A model trained with a different config or feature list, a
+scikit-learn version, the sha256 of ``trees.npz``, the cosine encoder's backend and how many of the training
+pairs' texts its cosine read from the embedding cache). A model trained with a different config or feature list, a
 ``trees.npz`` whose sha256 differs from the manifest's, and a model saved by an older assay as ``model.pkl`` (never
 unpickled) are refused with the command that retrains it.
 """
@@ -66,8 +70,8 @@ FEATURES = BASE_FEATURES + STUFFING_FEATURES  # every feature this version knows
 # the mining-signal columns a stuffed training copy takes from a pair that holds every query word in its title
 CHANNEL_FEATURES = ["rank_bm25", "rank_ann", "rank_click", "score_bm25", "score_ann", "score_click", "rel_bm25",
                     "gap_ann", "n_channels", "prior", "mined", "neg_token_sim", "neg_random", "neg_similarity"]
-TRAIN_FIELDS = ("kind", "model", "max_length", "trees", "learning_rate", "max_train_pairs", "class_weight",
-                "stuffed_negatives", "stuffing_features", "seed")
+TRAIN_FIELDS = ("kind", "model", "max_length", "inference", "trees", "learning_rate", "max_train_pairs",
+                "class_weight", "stuffed_negatives", "stuffing_features", "seed")
 DEFAULT_LR = 0.1
 # the mining signals of a stuffed training copy: "clean" (the pair's own: the title was edited after mining),
 # "mined" (from a pair holding every query word: mined again after the edit) or "both" (one copy of each)
@@ -161,6 +165,7 @@ class FeaturesJudge:
         self.artifacts: Path | None = None
         self._signals: tuple[dict, np.ndarray] | None = None
         self._encoder = None
+        self.cosine_cache = {"texts": 0, "cached": 0, "encoded": 0}  # the cosine's texts, read from the cache or not
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -200,6 +205,7 @@ class FeaturesJudge:
         judge.bind(store)
         t0 = time.perf_counter()
         x = judge.features(pairs, progress=progress)
+        cosine_cache = dict(judge.cosine_cache)  # of the training pairs (stuffed copies are new texts)
         pick = pick_stuffed(g, cfg.stuffed_negatives, cfg.seed)
         if len(pick):
             xs, src = judge.stuffed_features(pairs, g, x, pick)
@@ -226,13 +232,15 @@ class FeaturesJudge:
                     "model_file": MODEL_FILE, "model_sha256": sha, "n_train": len(g), "n_stuffed": len(g) - n_human,
                     "grade_counts": np.bincount(g, minlength=N_GRADES).tolist(), "iterations": int(model.n_iter_),
                     "weights_sha": sha[:16], "typical_title_tokens": typical,
+                    "encoder_backend": judge.manifest.get("encoder_backend"),
+                    "encoder_guard": judge.manifest.get("encoder_guard"), "cosine_cache": cosine_cache,
                     "feature_seconds": round(feat_s, 3), "train_seconds": round(fit_s, 3)}
         write_manifest(tmp, manifest)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         return {k: manifest[k] for k in ("n_train", "n_stuffed", "grade_counts", "iterations", "weights_sha",
-                                          "feature_seconds", "train_seconds")}
+                                          "encoder_backend", "cosine_cache", "feature_seconds", "train_seconds")}
 
     @classmethod
     def load(cls, cfg, artifacts: Path) -> "FeaturesJudge":
@@ -282,15 +290,34 @@ class FeaturesJudge:
     def _cosine(self, pairs: Sequence[Pair]) -> np.ndarray:
         if str(self.cfg.model).lower() == "none":
             return np.full(len(pairs), np.nan, dtype=np.float32)
-        from assay.encode import Encoder, encode_cached
+        from assay.encode import encode_cached
 
-        if self._encoder is None:
-            self._encoder = Encoder(self.cfg.model, max_seq_length=self.cfg.max_length, precision="fp32",
-                                    batch_size=self.cfg.batch_size)
         items = [item_text(p.title, p.brand, p.category, p.attributes) for p in pairs]
-        qv, _ = encode_cached(self._encoder, [p.query for p in pairs], self.artifacts, desc="encode queries")
-        iv, _ = encode_cached(self._encoder, items, self.artifacts, desc="encode items")
+        if self._encoder is None:
+            self._encoder = self._open_encoder(items)
+        qv, qs = encode_cached(self._encoder, [p.query for p in pairs], self.artifacts, desc="encode queries")
+        iv, its = encode_cached(self._encoder, items, self.artifacts, desc="encode items")
+        for k in self.cosine_cache:
+            self.cosine_cache[k] += qs[k] + its[k]
         return (qv * iv).sum(axis=1).astype(np.float32)
+
+    def _open_encoder(self, sample_texts: list[str]):
+        """The cosine's encoder, on the backend the judge was trained with (``encoder_backend`` in its manifest). At
+        training that backend is chosen from ``inference`` as mining chooses ``models.backend`` (auto: int8 ONNX when
+        it passes the accuracy guard on ``sample_texts``, else fp32 ONNX), so with mining's model, length and backend
+        the vectors come from the embedding cache mining filled. A judge always reads its cosine from the encoder it
+        learned from."""
+        from assay.config import ModelsConfig
+        from assay.encode import Encoder, open_encoder
+
+        backend = self.manifest.get("encoder_backend")
+        if backend is None:
+            enc = open_encoder(self.cfg.model, ModelsConfig(backend=self.cfg.inference), Path(self.artifacts),
+                               sample_texts, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
+            self.manifest["encoder_backend"], self.manifest["encoder_guard"] = enc.backend, enc.guard
+            return enc
+        return Encoder(self.cfg.model, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
+                       backend=backend, artifacts=Path(self.artifacts))
 
     def stuffed_features(self, pairs: Sequence[Pair], grades: np.ndarray, x: np.ndarray,
                          pick: np.ndarray) -> np.ndarray:
