@@ -429,7 +429,7 @@ def calibrated_master(mined_master, tmp_path_factory):
     return tuple(built_once(tmp_path_factory, "annot", build))
 
 
-CASCADE_LABELED_QUERIES = 15  # about 2,600 mined pairs; about 4 min to label on a loaded 2-core machine
+CASCADE_LABELED_QUERIES = 10  # about 1,700 mined pairs, about 45 s to label on a loaded 2-core machine (15: 59 s)
 
 
 @pytest.fixture(scope="session")

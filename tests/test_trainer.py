@@ -585,7 +585,7 @@ def test_training_reads_the_real_cascades_grades_and_confidences(cascade_labeled
     spread of confidences and mistakes), not truth plus noise with one constant confidence: each cascade-graded
     example weighs its label's confidence, a query's positive is drawn in proportion to target x confidence, binary
     targets follow the cascade's grades, and the curriculum and the binary baseline train and validate on the
-    cascade-graded validation pools. (On 15 labeled queries the base encoder already ranks every validation pool
+    cascade-graded validation pools. (On 10 labeled queries the base encoder already ranks every validation pool
     perfectly, so a gain over it is asserted on the larger labeled workspace, in the tests above.)"""
     from assay.curriculum import run as run_curriculum
     from assay.trainer import data as tdata
