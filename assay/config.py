@@ -190,8 +190,8 @@ class JudgeConfig(Section):
         "auto", description="cross_encoder judges: where the forward pass runs (see models.backend); auto = "
                             "onnx-int8 on CPU when its accuracy on the calib split is within guard_max_accuracy_drop "
                             "of fp32, else onnx. features judges: the backend of the encoder behind the cosine "
-                            "feature, chosen at training as mining chooses models.backend (set it like "
-                            "models.backend so the cosine reads mining's cached vectors). Other kinds run on torch")
+                            "feature, fixed at training; auto = the one mining's newest run used for that encoder, so "
+                            "the cosine reads mining's cached vectors. Other kinds run on torch")
     guard_max_accuracy_drop: float = Field(0.005, ge=0, le=1, description="most accuracy (share of calib pairs) an "
                                                                           "int8 judge may lose against fp32")
     # training (classifier kinds)

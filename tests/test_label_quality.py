@@ -149,9 +149,7 @@ def test_simulated_answers_ingest_as_mined_pool(mined_master, tmp_path):
 
 # --------------------------------------------------------------------------- the features judge and the report
 
-# the cosine's encoder as the workspace was mined (mined_master mines on PyTorch), so it reads mining's cached vectors
-FEATURES = dict(name="features", kind="features", model="all-MiniLM-L6-v2", max_length=64, class_weight="sqrt",
-                inference="torch")
+FEATURES = dict(name="features", kind="features", model="all-MiniLM-L6-v2", max_length=64, class_weight="sqrt")
 CE = dict(name="ce-fast", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=32, batch_size=64, epochs=1,
           max_train_pairs=500, learning_rate=3e-4)
 
@@ -178,8 +176,10 @@ def test_features_judge_trains_calibrates_and_settles_clear_negatives(requested_
         # the features judge also trains on keyword-stuffed copies of grade 0-1 pairs (its default defence)
         stuffed = tr["judges"]["features"]["n_stuffed"]
         assert stuffed > 0 and man["n_train"] == tr["train_pairs"] + stuffed and len(man["features"]) == 30
-        # the cosine read every training pair's query and item vector from the cache mining filled
-        assert man["encoder_backend"] == "torch" and man["cosine_cache"]["encoded"] == 0 < man["cosine_cache"]["cached"]
+        # inference auto: the cosine's encoder is mining's, on the backend mining ran (mined_master mines on PyTorch),
+        # and it read every training pair's query and item vector from the cache mining filled
+        assert man["encoder_backend"] == "torch" and man["encoder_guard"]["from_run"].startswith("mine-")
+        assert man["cosine_cache"]["encoded"] == 0 < man["cosine_cache"]["cached"]
         cal = fit.run(cfg, s, progress=False)
         j = cal["judges"]["features"]
         majority = s.scalar("SELECT max(n) / sum(n) FROM (SELECT count(*) AS n FROM human_labels "

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 JUDGES = [
     dict(name="feat-lite", kind="features", model="none", trees=40),
     dict(name="feat", kind="features", model="all-MiniLM-L6-v2", max_length=64, batch_size=128, trees=80,
-         class_weight="sqrt", inference="torch"),  # as the workspace was mined (mined_master): its cache is read
+         class_weight="sqrt"),
 ]
 
 # two actors of half a CPU leave the local Ray's second CPU to the Parquet reader (2 CPUs in all)

@@ -7,10 +7,11 @@ It reads no text through a neural network of its own. Per pair it gathers, from 
 - for mined negatives (``negatives``) the kind and the TF-IDF similarity used to pick them;
 - engagement of the pair (impressions, clicks, add-to-carts, orders, click rate);
 - the bi-encoder cosine of query and item text, from the embedding cache mining filled (``model``, ``max_length``
-  and ``inference`` name the encoder and its backend; set them like ``mining.ann`` and ``models.backend`` so the
-  cache is hit; ``model: none`` drops it). The backend is chosen at training as mining chooses it (``auto``: int8
-  ONNX when it passes the accuracy guard, else fp32 ONNX) and recorded in the manifest, so the judge reads its
-  cosine from the encoder it learned from; changing ``inference`` asks for retraining;
+  and ``inference`` name the encoder and its backend; set ``model`` and ``max_length`` like ``mining.ann`` so the
+  cache is hit; ``model: none`` drops it). At training, ``inference: auto`` takes the backend mining's newest run
+  used for that encoder (else it chooses as mining would on the CPU: int8 ONNX behind the accuracy guard); the
+  choice is recorded in the manifest, so the judge reads its cosine from the encoder it learned from; changing
+  ``inference`` asks for retraining;
 - lexical overlap of the query with the title and with the whole item text (share of query tokens found, whether
   the query's last token, usually the product type, is in the title or the category).
 
@@ -40,6 +41,8 @@ unpickled) are refused with the command that retrains it.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import time
@@ -56,6 +59,8 @@ from assay.annotate.judges._classifier import (JudgeNotReady, cap_train_pairs, c
                                                config_digest, read_manifest, write_manifest)
 from assay.annotate.stuffing import STUFFING_FEATURES, pick_stuffed, stuff, stuffing_features, tokens
 from assay.text import file_sha256, item_text
+
+log = logging.getLogger(__name__)
 
 FEATURES_VERSION = "features/2"
 MODEL_FILE = "trees.npz"
@@ -302,22 +307,59 @@ class FeaturesJudge:
         return (qv * iv).sum(axis=1).astype(np.float32)
 
     def _open_encoder(self, sample_texts: list[str]):
-        """The cosine's encoder, on the backend the judge was trained with (``encoder_backend`` in its manifest). At
-        training that backend is chosen from ``inference`` as mining chooses ``models.backend`` (auto: int8 ONNX when
-        it passes the accuracy guard on ``sample_texts``, else fp32 ONNX), so with mining's model, length and backend
-        the vectors come from the embedding cache mining filled. A judge always reads its cosine from the encoder it
-        learned from."""
+        """The cosine's encoder, on the backend the judge was trained with (``encoder_backend`` in its manifest).
+
+        At training, ``inference: auto`` takes the backend mining's encoder ran on in this workspace when that
+        encoder is the judge's (same model, ``max_length`` and fp32; :meth:`_mining_backend`), so the vectors come
+        from the embedding cache mining filled (int8 ONNX on a CPU by default, PyTorch where mining ran on a GPU).
+        Without such a run, auto chooses as mining would on the CPU (int8 ONNX when it passes the accuracy guard on
+        ``sample_texts``, else fp32 ONNX); any other value is used as named. A judge always reads its cosine from the
+        encoder it learned from."""
         from assay.config import ModelsConfig
         from assay.encode import Encoder, open_encoder
 
         backend = self.manifest.get("encoder_backend")
         if backend is None:
-            enc = open_encoder(self.cfg.model, ModelsConfig(backend=self.cfg.inference), Path(self.artifacts),
-                               sample_texts, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
-            self.manifest["encoder_backend"], self.manifest["encoder_guard"] = enc.backend, enc.guard
-            return enc
+            mined = self._mining_backend() if self.cfg.inference == "auto" else None
+            if mined is not None:
+                self.manifest["encoder_backend"], self.manifest["encoder_guard"] = mined["backend"], mined
+                backend = mined["backend"]
+            else:
+                enc = open_encoder(self.cfg.model, ModelsConfig(backend=self.cfg.inference), Path(self.artifacts),
+                                   sample_texts, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
+                self.manifest["encoder_backend"], self.manifest["encoder_guard"] = enc.backend, enc.guard
+                return enc
         return Encoder(self.cfg.model, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
                        backend=backend, artifacts=Path(self.artifacts))
+
+    def _mining_backend(self) -> dict | None:
+        """The backend (with the run and its guard result) of the newest finished `assay mine` run of the bound
+        workspace whose encoder is this judge's: the same model (resolved), ``max_seq_length`` = ``max_length``
+        and fp32. None without one."""
+        from assay import models
+
+        if self.store is None:
+            return None
+        row = self.store.exec("""SELECT run_id, config, models, summary FROM runs WHERE stage = 'mine' AND status = 'ok'
+                                 ORDER BY started_at DESC LIMIT 1""")
+        if not row:
+            return None
+        run_id = row[0][0]
+        config, used, summary = (json.loads(x) if isinstance(x, str) else x for x in row[0][1:])
+        ann = ((config or {}).get("mining") or {}).get("ann") or {}
+        name = (used or {}).get("embedder")
+        encoder = (summary or {}).get("encoder") or {}
+        if not name or not encoder.get("backend") or ann.get("max_seq_length") != self.cfg.max_length \
+                or ann.get("precision", "fp32") != "fp32":
+            return None
+        try:
+            if models.resolve(name).path != models.resolve(self.cfg.model).path:
+                return None
+        except (models.ModelNotInstalled, ValueError, OSError) as e:  # not resolvable here: choose as without a run
+            log.info("judge %s: mining's encoder %r does not resolve here (%s); choosing the cosine's backend itself",
+                     self.name, name, e)
+            return None
+        return {**encoder, "from_run": run_id}
 
     def stuffed_features(self, pairs: Sequence[Pair], grades: np.ndarray, x: np.ndarray,
                          pick: np.ndarray) -> np.ndarray:
