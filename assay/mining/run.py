@@ -289,14 +289,42 @@ def _input_fingerprints(store: Store) -> dict[str, str]:
     return {t: store.fingerprint(t) for t in INPUT_TABLES}
 
 
+def newest_run(store: Store) -> dict | None:
+    """The newest finished `assay mine` run: ``run_id`` and its recorded ``config``, ``models`` and ``summary``
+    (parsed); None when nothing was mined."""
+    row = store.exec("""SELECT run_id, config, models, summary FROM runs WHERE stage = 'mine' AND status = 'ok'
+                        ORDER BY ended_at DESC LIMIT 1""")
+    if not row:
+        return None
+    run_id, *parts = row[0]
+    config, used, summary = ((json.loads(x) if isinstance(x, str) else x) or {} for x in parts)
+    return {"run_id": run_id, "config": config, "models": used, "summary": summary}
+
+
+def mined_encoder(store: Store) -> dict | None:
+    """The text encoder the newest mining run used (the ANN channel's): ``model`` (as named), ``max_seq_length``,
+    ``precision``, ``backend`` (what the accuracy guard admitted), its ``guard`` result and the ``run_id``. None when
+    nothing was mined or that run encoded nothing. The features judge's cosine reads the vectors it cached."""
+    run = newest_run(store)
+    if run is None:
+        return None
+    ann = (run["config"].get("mining") or {}).get("ann") or {}
+    guard = run["summary"].get("encoder") or {}
+    model = run["models"].get("embedder")
+    if not model or not guard.get("backend"):
+        return None
+    return {"model": model, "max_seq_length": ann.get("max_seq_length"), "precision": ann.get("precision", "fp32"),
+            "backend": guard["backend"], "guard": guard, "run_id": run["run_id"]}
+
+
 def stale_inputs(store: Store) -> list[str] | None:
     """The input tables that changed since the newest mining run (a re-ingested catalog, query log or engagement
     file): its candidates and negatives no longer describe the workspace and `assay mine` should run again. None
     when nothing was mined (or it was mined before mining recorded its inputs)."""
-    row = store.exec("SELECT summary FROM runs WHERE stage = 'mine' AND status = 'ok' ORDER BY ended_at DESC LIMIT 1")
-    if not row:
+    run = newest_run(store)
+    if run is None:
         return None
-    recorded = json.loads(row[0][0] or "{}").get("inputs")
+    recorded = run["summary"].get("inputs")
     if not recorded:
         return None
     now = _input_fingerprints(store)

@@ -41,7 +41,6 @@ unpickled) are refused with the command that retrains it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -333,33 +332,23 @@ class FeaturesJudge:
                        backend=backend, artifacts=Path(self.artifacts))
 
     def _mining_backend(self) -> dict | None:
-        """The backend (with the run and its guard result) of the newest finished `assay mine` run of the bound
-        workspace whose encoder is this judge's: the same model (resolved), ``max_seq_length`` = ``max_length``
-        and fp32. None without one."""
+        """The backend of the encoder the bound workspace's newest mining run used (assay.mining.run.mined_encoder)
+        when it is this judge's encoder: the same model (resolved), ``max_seq_length`` = ``max_length`` and fp32.
+        Returns mining's guard result with ``from_run``; None otherwise."""
         from assay import models
+        from assay.mining.run import mined_encoder
 
-        if self.store is None:
-            return None
-        row = self.store.exec("""SELECT run_id, config, models, summary FROM runs WHERE stage = 'mine' AND status = 'ok'
-                                 ORDER BY started_at DESC LIMIT 1""")
-        if not row:
-            return None
-        run_id = row[0][0]
-        config, used, summary = (json.loads(x) if isinstance(x, str) else x for x in row[0][1:])
-        ann = ((config or {}).get("mining") or {}).get("ann") or {}
-        name = (used or {}).get("embedder")
-        encoder = (summary or {}).get("encoder") or {}
-        if not name or not encoder.get("backend") or ann.get("max_seq_length") != self.cfg.max_length \
-                or ann.get("precision", "fp32") != "fp32":
+        mined = mined_encoder(self.store) if self.store is not None else None
+        if mined is None or mined["max_seq_length"] != self.cfg.max_length or mined["precision"] != "fp32":
             return None
         try:
-            if models.resolve(name).path != models.resolve(self.cfg.model).path:
+            if models.resolve(mined["model"]).path != models.resolve(self.cfg.model).path:
                 return None
         except (models.ModelNotInstalled, ValueError, OSError) as e:  # not resolvable here: choose as without a run
             log.info("judge %s: mining's encoder %r does not resolve here (%s); choosing the cosine's backend itself",
-                     self.name, name, e)
+                     self.name, mined["model"], e)
             return None
-        return {**encoder, "from_run": run_id}
+        return {**mined["guard"], "from_run": mined["run_id"]}
 
     def stuffed_features(self, pairs: Sequence[Pair], grades: np.ndarray, x: np.ndarray,
                          pick: np.ndarray) -> np.ndarray:
