@@ -760,6 +760,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to bind (loopbac
 @app.command("run")
 def run_pipeline(force: Optional[list[str]] = typer.Option(None, "--force", help="run this step even if current "
                                                                                 "(and every step after it)"),
+                 until: Optional[str] = typer.Option(None, "--until", help="stop after this step; the steps after "
+                                                                            "it are listed with what would run them"),
                  workspace: Optional[Path] = WorkspaceOpt, config: Optional[Path] = ConfigOpt,
                  set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt) -> None:
     """The main job: simulate -> ingest -> mine -> teachers -> calibrate -> annotate -> agreement -> curriculum ->
@@ -770,7 +772,7 @@ def run_pipeline(force: Optional[list[str]] = typer.Option(None, "--force", help
     t0 = __import__("time").perf_counter()
     try:
         ctx.remember()
-        s = pipeline.run(ctx.cfg, ctx.workspace, force=force, progress=not quiet,
+        s = pipeline.run(ctx.cfg, ctx.workspace, force=force, until=until, progress=not quiet,
                          on_step=None if quiet or as_json else lambda n, st: err.print(f"[bold]{n}[/bold]: {st}"))
     except (WorkspaceLocked, WorkspaceMissing, *STAGE_ERRORS) as e:
         _fail(str(e).strip("'\""))

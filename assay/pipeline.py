@@ -16,7 +16,8 @@ recorded as it stands after the step ran (label-request adds the human labels it
 row ``pipeline`` records the key, and its parts, of every step that finished. A step whose key is recorded is
 skipped; any other step runs (the table says which part changed), and the stages that can resume do (mining by
 batch, annotation by pair, training by its saved state), so a run that was cut off continues where it stopped.
-``force`` names steps to run even when current (and so every step after them).
+``force`` names steps to run even when current (and so every step after them). ``until`` names the last step to
+run: the steps after it are only reported (current, or what would make them run), and none of them is recorded.
 
 ``pipeline.simulate: false`` starts at mining, on a workspace the user has already filled with `assay ingest`.
 """
@@ -311,12 +312,17 @@ def plan(cfg: AssayConfig, done: dict, store: Store | None = None) -> list[dict]
     return out
 
 
-def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, progress: bool = True,
-        on_step: Callable[[str, str], None] | None = None) -> dict:
-    """Run the main job on ``workspace``; returns the per-step table and the evaluation summary."""
-    for f in force or []:
+def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, until: str | None = None,
+        progress: bool = True, on_step: Callable[[str, str], None] | None = None) -> dict:
+    """Run the main job on ``workspace``, up to and including the step ``until`` (None = every step); returns the
+    per-step table and the evaluation summary (the newest one where evaluate is current; None where it is stale
+    and ``until`` stopped before it)."""
+    for f in (force or []) + ([until] if until is not None else []):
         if f not in STEP_NAMES:
             raise ValueError(f"unknown step {f!r}; steps are {STEP_NAMES}")
+    last = STEP_NAMES.index(until) if until is not None else len(STEP_NAMES) - 1
+    if any(STEP_NAMES.index(f) > last for f in force or []):
+        raise ValueError(f"--force {', '.join(force or [])} names a step after --until {until}")
     workspace = Path(workspace)
     with Store.open(workspace) as store:
         done: dict = store.get_meta(META_KEY) or {}
@@ -324,7 +330,7 @@ def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, pr
     results: dict = {}
     table = []
     keys: dict[str, str] = {}
-    for st in STEPS:
+    for n, st in enumerate(STEPS):
         name = st.name
         if not st.enabled(cfg):
             table.append({"step": name, "status": "skipped (disabled)", "seconds": 0.0})
@@ -342,6 +348,12 @@ def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, pr
             continue
         # --force runs the step and every step after it, current or not
         why = "forced" if forced and done.get(name, {}).get("key") == key else why_stale(done.get(name), parts)
+        if n > last:  # after --until: say what would run it; run and record nothing
+            table.append({"step": name, "status": f"not run (--until {until})", "why": why, "seconds": 0.0})
+            if on_step:
+                on_step(name, f"{table[-1]['status']}: {why}")
+            keys[name] = key
+            continue
         if on_step:
             on_step(name, f"running ({why})")
         t0 = time.perf_counter()
@@ -359,7 +371,7 @@ def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, pr
         keys[name] = key
     out = {"workspace": str(workspace), "steps": table}
     ev = results.get("evaluate")
-    if ev is None:  # evaluation was current: report the newest one
+    if ev is None and table[-1]["status"] == "skipped (current)":  # evaluation was current: report the newest one
         with Store.open(workspace, read_only=True) as store:
             row = store.exec("SELECT summary FROM runs WHERE stage = 'evaluate' AND status = 'ok' "
                              "ORDER BY ended_at DESC LIMIT 1")

@@ -157,27 +157,32 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
     assert all(r["status"] == "skipped (current)" for r in second["steps"]), second["steps"]
     assert second["evaluate"]["systems"] == ev["systems"]  # the newest evaluation is reported again
 
-    # a catalog update (some titles edited, re-ingested) and a serving setting changed: mining onward reruns with the
-    # same judges, annotation labels exactly the pairs that are new or whose texts changed, and export-index names
-    # its own config among its reasons (a config-only change reruns only export-index and evaluate: checked on the
-    # plan in test_a_step_is_stale_only_when_what_it_reads_changed, without paying for a third run here)
+    # a catalog update (some titles edited, re-ingested) and a serving setting changed, run `--until curriculum`:
+    # mining onward reruns with the same judges, annotation labels exactly the pairs that are new or whose texts
+    # changed, and the steps after curriculum are listed, not run, each with what would run it (export-index names
+    # its own config among its reasons). A config-only change reruns only export-index and evaluate: checked on the
+    # plan in test_a_step_is_stale_only_when_what_it_reads_changed.
     with Store.open(ws) as s:
         sha = s.scalar("SELECT cascade_sha FROM labels LIMIT 1")
         old = {(q, i): t for q, i, t in s.exec("SELECT query_id, item_id, text_sha FROM labels WHERE status = 'ok'")}
         changed = [i for (i,) in s.exec("SELECT DISTINCT item_id FROM candidates ORDER BY hash(item_id) LIMIT 10")]
         reingest_titles(s, changed, tmp_path / "update")
-    # (the curriculum stages after the update train 2 steps each and no baseline is trained: this part checks what
-    # reruns and what is relabeled, not what training gains; evaluate still scores the click baseline trained above)
     upd = tiny_config(recall_sample=10)
-    upd.train = upd.train.model_copy(update={"stages": [st.model_copy(update={"steps": 2}) for st in upd.train.stages]})
     upd.pipeline = upd.pipeline.model_copy(update={"baselines": []})
-    third = pipeline.run(upd, ws, progress=False)
+    third = pipeline.run(upd, ws, until="curriculum", progress=False)
     ran = {r["step"]: r.get("why") for r in third["steps"] if r["status"] == "ran"}
-    assert list(ran) == ["mine", "annotate", "agreement", "curriculum", "train", "export-index", "evaluate"], \
-        third["steps"]
-    assert {r["step"]: r["status"] for r in third["steps"]}["baselines"] == "skipped (disabled)"
-    assert ran["mine"] == "input products changed" and ran["export-index"].startswith("config, "), ran
-    with Store.open(ws, read_only=True) as s:
+    assert list(ran) == ["mine", "annotate", "agreement", "curriculum"], third["steps"]
+    assert ran["mine"] == "input products changed", ran
+    after = {r["step"]: (r["status"], r.get("why")) for r in third["steps"][pipeline.STEP_NAMES.index("train"):]}
+    assert after == {"train": ("not run (--until curriculum)", "step curriculum changed"),
+                     "baselines": ("skipped (disabled)", None),
+                     "export-index": ("not run (--until curriculum)", "config, step baselines, step train changed"),
+                     "evaluate": ("not run (--until curriculum)",
+                                  "step baselines, step export-index, step mine, step train changed")}, after
+    assert third["evaluate"] is None  # the newest evaluation is stale: not reported as if it were current
+    with Store.open(ws, read_only=True) as s:  # nothing after curriculum recorded: the next run starts at train
+        todo = pipeline.plan(upd, s.get_meta(pipeline.META_KEY), s)
+        assert [p["step"] for p in todo if p["status"] == "run"] == ["train", "export-index", "evaluate"], todo
         run_id = s.scalar("SELECT run_id FROM runs WHERE stage = 'annotate' ORDER BY started_at DESC LIMIT 1")
         relabeled = set(s.exec("SELECT query_id, item_id FROM labels WHERE run_id = ?", [run_id]))
         work = set(s.exec("SELECT query_id, item_id FROM candidates UNION SELECT query_id, item_id FROM negatives"))
@@ -201,3 +206,7 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
         assert "remembers" in res.stderr, (argv, res.stderr)
     with pytest.raises(ValueError, match="unknown step"):
         pipeline.run(tiny_config(), ws, force=["nope"], progress=False)
+    with pytest.raises(ValueError, match="unknown step"):
+        pipeline.run(tiny_config(), ws, until="nope", progress=False)
+    with pytest.raises(ValueError, match="names a step after --until train"):
+        pipeline.run(tiny_config(), ws, force=["evaluate"], until="train", progress=False)
