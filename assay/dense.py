@@ -164,8 +164,19 @@ def _validate(model, data) -> float | None:
 
 def item_cache_key(model) -> str:
     """The embedding-cache key of a two-tower model's item vectors: checkpoint sha, item text template and length,
-    and the backend (so int8 vectors never mix with fp32 ones)."""
+    and the backend (so int8 vectors never mix with fp32 ones).
+
+    The base encoder (:func:`open_base_encoder`) whose item tower is its sentence-transformers model as published
+    (the transformer, mean pooling, unit length: ``TwoTower.same_as_encoder``) has the key of that model's own
+    vectors (:func:`assay.encode.cache_key`, fp32): at the same item length and backend they are the vectors
+    `assay mine` cached for the catalog (the same weights, the same function; measured equal to 1e-7 on PyTorch,
+    and on int8 ONNX as close as one export's vectors in two batch orders), so evaluation and the search page read
+    them instead of encoding the catalog again."""
     backend = getattr(model, "backend", "torch")
+    if getattr(model, "same_as_encoder", False) and model.sha == model.info["base_model_sha"]:
+        from assay.encode import cache_key
+
+        return cache_key(model.sha, model.item_max_length, "fp32", backend)
     return digest(["twotower-items", model.sha, TEXT_TEMPLATE_VERSION, model.item_max_length]
                   + ([backend] if backend != "torch" else []))
 
@@ -181,9 +192,11 @@ def encode_items(model, texts: list[str]) -> np.ndarray:
         return encode_by_length(model.encode_items, texts, 128).float().cpu().numpy()
 
 
-def item_vectors(model, texts: list[str], artifacts: Path, chunk: int, progress: bool) -> np.ndarray:
+def item_vectors(model, texts: list[str], artifacts: Path, chunk: int, progress: bool, stats: dict | None = None
+                 ) -> np.ndarray:
     """Item-tower vectors of ``texts``, cached per checkpoint sha and backend (shared with `assay evaluate`, and
-    filled on Ray by `export-index` with ``serve.engine: ray``)."""
+    filled on Ray by `export-index` with ``serve.engine: ray``). ``stats`` (optional) gets ``cached`` (texts read
+    from the cache), ``encoded`` and the cache ``key``."""
     from tqdm.auto import tqdm
 
     from assay.encode import EmbeddingCache
@@ -192,6 +205,8 @@ def item_vectors(model, texts: list[str], artifacts: Path, chunk: int, progress:
     shas = text_shas(texts)
     vecs, found = cache.lookup(shas, model.dim)
     miss = np.flatnonzero(~found)
+    if stats is not None:
+        stats.update(cached=int(len(texts) - len(miss)), encoded=int(len(miss)), key=cache.dir.name)
     bar = tqdm(total=len(texts), initial=len(texts) - len(miss), desc="encode items", unit=" items",
                disable=not progress)
     for lo in range(0, len(miss), chunk):

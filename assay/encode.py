@@ -71,9 +71,7 @@ class Encoder:
 
     @property
     def cache_key(self) -> str:
-        # torch keeps its historical key, so existing caches stay valid; an export's vectors differ, so it adds its name
-        extra = [] if self.backend == "torch" else [self.backend]
-        return digest([self.sha, self.model.max_seq_length, self.precision, TEXT_TEMPLATE_VERSION] + extra)
+        return cache_key(self.sha, self.model.max_seq_length, self.precision, self.backend)
 
     def encode(self, texts: list[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
         if not texts:
@@ -92,6 +90,14 @@ class Encoder:
             vecs = self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=progress,
                                      convert_to_numpy=False, convert_to_tensor=True, normalize_embeddings=False)
         return _unit(vecs.float().cpu().numpy())
+
+
+def cache_key(model_sha: str, max_seq_length: int, precision: str, backend: str) -> str:
+    """The embedding-cache key of a model's vectors: its weights' sha, max sequence length, precision, the text
+    template version and the backend. torch keeps its historical key, so existing caches stay valid; an export's
+    vectors differ, so it adds its name."""
+    extra = [] if backend == "torch" else [backend]
+    return digest([model_sha, max_seq_length, precision, TEXT_TEMPLATE_VERSION] + extra)
 
 
 def _unit(vecs: np.ndarray) -> np.ndarray:

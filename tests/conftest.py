@@ -371,15 +371,18 @@ def labeled_workspace(labeled_master, tmp_path) -> Path:
     return copy_ws(labeled_master, tmp_path / "lws")
 
 
+EVAL_MODELS = {"backend": "torch"}  # eval_master's models section (see there)
+
+
 @pytest.fixture(scope="session")
 def eval_master(labeled_master, tmp_path_factory) -> Path:
-    """The labeled workspace after `assay curriculum` (a tenth of the queries held out for test), with the base
-    encoder's catalog vectors cached for the default backend (int8 ONNX, its guard measured), as a workspace is
-    after its first evaluation. Built once: test_eval.py's tests measure evaluation, and the first encoding of a
-    catalog is tested where it is the subject (test_inference.py, test_serving.py's export). test_serving.py serves
-    a copy, as `assay serve` serves a workspace after `assay run`: the page's base encoder column reads these vectors.
-    (Evaluated on the default backend, as `assay evaluate` does: PyTorch vectors of the 3,000 items cost about 60 s
-    more to cache.)"""
+    """The labeled workspace after `assay curriculum` (a tenth of the queries held out for test) and a first
+    evaluation of the base encoder, built once: test_eval.py's tests measure evaluation. It evaluates on PyTorch
+    (``EVAL_MODELS``), the backend the workspace was mined on, so the base encoder reads the catalog vectors
+    mining cached (same model, item length and backend: assay.dense.item_cache_key) and encodes nothing; the default
+    int8 path (guard, export, first encoding of the catalog) is the main job's (test_pipeline.py), test_inference.py's
+    and test_serving.py's export. test_serving.py serves a copy with the same setting, as `assay serve` serves a
+    workspace after `assay run`: the page's base encoder column reads these vectors."""
     from assay.config import AssayConfig, CurriculumConfig
     from assay.curriculum import run as run_curriculum
     from assay.eval.retrieval import evaluate
@@ -389,8 +392,9 @@ def eval_master(labeled_master, tmp_path_factory) -> Path:
         ws = copy_ws(labeled_master, folder / "ws")
         with Store.open(ws) as store:
             run_curriculum(CurriculumConfig(test_fraction=0.1), store)
-            evaluate(store, {"base encoder": "base"}, split="test", progress=False, backend_cfg=AssayConfig(),
-                     bootstrap=0)
+            res = evaluate(store, {"base encoder": "base"}, split="test", progress=False,
+                           backend_cfg=AssayConfig(models=EVAL_MODELS), bootstrap=0)
+        assert res["systems"]["base encoder"]["item_vectors"]["encoded"] == 0, res["systems"]["base encoder"]
         return ws
 
     return built_once(tmp_path_factory, "eval", build)

@@ -10,7 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from assay.cli import app
+from assay.encode import cache_key
+from assay.models import model_sha, resolve
 from assay.store import Store
+
+from conftest import EVAL_MODELS
 
 
 @pytest.fixture()
@@ -28,7 +32,7 @@ def test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth(curriculu
         test_q = {q for (q,) in store.exec("SELECT DISTINCT query_id FROM examples WHERE split = 'test'")}
         train_q = {q for (q,) in store.exec("SELECT DISTINCT query_id FROM examples WHERE split = 'train'")}
         res = evaluate(store, {"bm25": "bm25", "base encoder": "base"}, split="test", progress=False,
-                       backend_cfg=AssayConfig())
+                       backend_cfg=AssayConfig(models=EVAL_MODELS))
     assert res["judgments"] == "truth" and res["queries"] == len(test_q) and not test_q & train_q
     assert sum(res["segments"].values()) == len(test_q)
     for name in ("bm25", "base encoder"):
@@ -52,6 +56,11 @@ def test_evaluate_bm25_and_base_encoder_on_held_out_queries_with_truth(curriculu
         assert c["lo"] <= c["delta"] <= c["hi"]
     assert cmp["all"]["ndcg@10"]["delta"] == pytest.approx(
         res["systems"]["base encoder"]["all"]["ndcg@10"] - res["systems"]["bm25"]["all"]["ndcg@10"], abs=2e-4)
+    # the base encoder's catalog vectors are the ones `assay mine` cached (the same model, item length and backend):
+    # all read, none encoded, and no other cache written (the master's first evaluation read them too)
+    mined_key = cache_key(model_sha(resolve("all-MiniLM-L6-v2")), 64, "fp32", EVAL_MODELS["backend"])
+    assert res["systems"]["base encoder"]["item_vectors"] == {"cached": 3000, "encoded": 0, "key": mined_key}
+    assert {p.name for p in (curriculum_ws / "artifacts" / "embeddings").iterdir()} == {mined_key}
     with Store.open(curriculum_ws) as store, pytest.raises(ValueError, match="'curriculum' is not an evaluated"):
         evaluate(store, {"bm25": "bm25"}, split="test", progress=False, reference="curriculum")
 
@@ -90,7 +99,8 @@ def test_without_truth_only_labeled_pairs_are_judged(curriculum_ws):
 
 def test_evaluate_command_writes_report_and_rejects_missing_split(curriculum_ws, tiny_workspace):
     r = CliRunner().invoke(app, ["evaluate", "-w", str(curriculum_ws), "--json", "-q", "--split", "val",
-                                 "--set", "train.base_model=all-MiniLM-L6-v2"])
+                                 "--set", "train.base_model=all-MiniLM-L6-v2",
+                                 "--set", f"models.backend={EVAL_MODELS['backend']}"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout[r.stdout.index("{"):])
     assert set(s["systems"]) == {"bm25", "base encoder", "hybrid"}  # no trained checkpoint yet
@@ -146,13 +156,13 @@ def test_hybrid_and_qrels_in_the_evaluation(curriculum_ws, tmp_path):
         item = store.exec("SELECT item_id FROM labels WHERE query_id = ? ORDER BY grade DESC LIMIT 1", [q])[0][0]
         qrels = tmp_path / "qrels.txt"
         qrels.write_text(f"{q} 0 {item} 4\n")
-        res = evaluate_run(AssayConfig(), store, qrels=str(qrels), progress=False)
+        res = evaluate_run(AssayConfig(models=EVAL_MODELS), store, qrels=str(qrels), progress=False)
     assert res["judgments"] == "qrels (qrels.txt)" and res["systems"]["hybrid"]["of"] == ["bm25", "base encoder"]
     folder = Path(res["report"]).parent
     assert json.loads((folder / "metrics.json").read_text())["systems"].keys() == res["systems"].keys()
     # one dense system: its backend is reported and there is nothing to warn about
     assert list(res["backends"]) == ["base encoder"] and res["backend_note"] is None
-    assert res["backends"]["base encoder"] in ("onnx-int8", "onnx")
+    assert res["backends"]["base encoder"] == EVAL_MODELS["backend"]
     assert "Encoder backend of each dense system" in (folder / "report.html").read_text()
 
 

@@ -151,6 +151,10 @@ def test_main_job_runs_skips_when_current_and_reruns_what_changed(tmp_path, monk
         mined, taught = (json.loads(s.scalar(f"SELECT summary FROM runs WHERE stage = '{st}' ORDER BY started_at "
                                              "LIMIT 1")) for st in ("mine", "teachers"))
         feat = taught["judges"]["features"]
+        # evaluation's base encoder reads the catalog vectors mining cached, where its guard chose mining's backend
+        base = ev["systems"]["base encoder"]
+        assert base["item_vectors"]["encoded"] == (0 if base["backend"]["backend"] == mined["encoder"]["backend"]
+                                                   else 1500), (base, mined["encoder"])
         assert feat["encoder_backend"] == mined["encoder"]["backend"] == "onnx-int8", (feat, mined["encoder"])
         assert feat["cosine_cache"]["encoded"] == 0 < feat["cosine_cache"]["cached"], feat
     second = pipeline.run(tiny_config(), ws, progress=False)

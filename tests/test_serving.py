@@ -15,25 +15,31 @@ from assay.serving.index import Served
 from assay.store import Store
 from assay.trainer.model import TwoTower
 
-from conftest import copy_ws
+from conftest import EVAL_MODELS, copy_ws
 
 pytestmark = pytest.mark.slow
+
+
+SERVE_MODELS = {"backend": "onnx"}
 
 
 @pytest.fixture(scope="module")
 def exported(eval_master, tmp_path_factory):
     """A base-model checkpoint exported (flat and HNSW) from a copy of the workspace `assay evaluate` has seen
-    (conftest.eval_master): (workspace, checkpoint, flat summary, hnsw summary)."""
+    (conftest.eval_master): (workspace, checkpoint, flat summary, hnsw summary). Exported on fp32 ONNX by name
+    (``SERVE_MODELS``): the served query tower runs on an ONNX export, as by default, without the int8 accuracy guard,
+    which took 26 s of this fixture's 67 s (the guard before export-index is the main job's, test_pipeline.py)."""
     root = tmp_path_factory.mktemp("serve")
     ws = copy_ws(eval_master, root / "ws")
     ckpt = root / "ckpt"
     TwoTower.from_base("all-MiniLM-L6-v2").save(ckpt)
-    cfg = AssayConfig(serve=ServeConfig(recall_sample=50))
+    cfg = AssayConfig(models=SERVE_MODELS, serve=ServeConfig(recall_sample=50))
     with Store.open(ws) as s:
         with pytest.raises(ValueError, match="assay train"):
             serving.export(cfg, s, progress=False)  # no trained checkpoint and none named
         flat = serving.export(cfg, s, checkpoint=str(ckpt), progress=False)
-        hnsw = serving.export(AssayConfig(serve=ServeConfig(index="hnsw", recall_sample=50, ef_search=64)), s,
+        hnsw = serving.export(AssayConfig(models=SERVE_MODELS, serve=ServeConfig(index="hnsw", recall_sample=50,
+                                                                                 ef_search=64)), s,
                               checkpoint=str(ckpt), progress=False)
     return ws, ckpt, flat, hnsw
 
@@ -43,6 +49,7 @@ def test_export_writes_a_manifest_bound_to_the_checkpoint(exported):
     man = json.loads((ws / "artifacts/index" / flat["index_id"] / "manifest.json").read_text())
     assert man["checkpoint_sha"] == json.loads((ckpt / "twotower.json").read_text())["sha"]
     assert man["kind"] == "flat" and man["recall@100"] == 1.0 and man["recall_queries"] == 50
+    assert man["backend"] == hnsw["backend"] == SERVE_MODELS["backend"]  # the query tower runs where the items ran
     assert man["n_items"] == 3000 and man["dim"] == 384 and man["text_template"].startswith("item-text/")
     assert hnsw["kind"] == "hnsw" and hnsw["factory"] == "HNSW32" and 0.9 <= hnsw["recall@100"] <= 1.0
     assert hnsw["encode_seconds"] < flat["encode_seconds"]  # the item vectors came from the cache
@@ -160,7 +167,10 @@ def _start_server(ws, log_path, port):
     import sys
     import time
 
-    cmd = [sys.executable, "-m", "assay.cli", "serve", "-w", str(ws), "-q", "--port", str(port)]
+    # the page's base encoder on the backend the workspace was mined and evaluated on (conftest.eval_master): it
+    # reads the catalog vectors cached there; the served index runs on the backend of its export (SERVE_MODELS)
+    cmd = [sys.executable, "-m", "assay.cli", "serve", "-w", str(ws), "-q", "--port", str(port),
+           "-s", f"models.backend={EVAL_MODELS['backend']}"]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -229,9 +239,9 @@ def test_the_real_server_answers_and_rejects_bad_requests(server):
     assert status == 200 and [s["name"] for s in cmp["systems"]] == ["BM25", "base encoder", "trained model"]
     assert all(len(s["hits"]) == 10 for s in cmp["systems"]) and cmp["graded"]
     assert any(h["grade"] is not None for s in cmp["systems"] for h in s["hits"])
-    # the base encoder column reads the catalog vectors `assay evaluate` cached, through the export evaluate made and
-    # guarded: the first comparison exports and encodes nothing (it used to run the base encoder on PyTorch, a cache
-    # key of its own, and encode the whole catalog: a new cache folder here)
+    # the base encoder column reads the catalog vectors `assay evaluate` read (mining's: conftest.eval_master), on the
+    # backend evaluate ran: the first comparison exports and encodes nothing (it once ran the base encoder on another
+    # backend than evaluate's, a cache key of its own, and encoded the whole catalog: a new cache folder here)
     assert (sorted(p.relative_to(cache) for p in cache.rglob("*")), sorted(p.name for p in exports.iterdir())) == before
     status, err = _http(f"{base}/compare?q=%20")
     assert status == 422 and "empty" in json.dumps(err)

@@ -112,12 +112,14 @@ def judgments(store: Store, query_ids: list[str], item_ids: np.ndarray,
     return "labels", out
 
 
-def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, k: int) -> np.ndarray:
+def _dense_hits(model, catalog, query_texts: list[str], artifacts: Path, k: int, stats: dict | None = None
+                ) -> np.ndarray:
     """Exact top-k rows of the catalog for each query: the serving path (cached item vectors, flat index,
-    soft-dot re-scoring for multi-head queries) with an exact index, so the numbers describe the model."""
+    soft-dot re-scoring for multi-head queries) with an exact index, so the numbers describe the model.
+    ``stats`` (optional) gets how many catalog vectors were read from the cache and how many were encoded."""
     from assay.dense import exact_search, item_vectors, query_vectors
 
-    vecs = item_vectors(model, catalog.texts, artifacts, chunk=16384, progress=False)
+    vecs = item_vectors(model, catalog.texts, artifacts, chunk=16384, progress=False, stats=stats)
     return exact_search(vecs, query_vectors(model, query_texts), k, model.beta)[1]
 
 
@@ -175,11 +177,14 @@ def evaluate(store: Store, systems: dict[str, str | None], *, split: str = "test
             else:
                 model = TwoTower.load(what, device=device)
                 guard = open_backend(model, backend_cfg, store, catalog.texts) if backend_cfg is not None else None
-            hits = _dense_hits(model, catalog, qtexts, store.artifacts, k)
+            vec_stats: dict = {}
+            hits = _dense_hits(model, catalog, qtexts, store.artifacts, k, vec_stats)
         ranked_of[name] = [catalog.item_ids[hits[r][hits[r] >= 0]].tolist() for r in range(len(qids))]
         results[name], per_query[name] = _score(ranked_of[name], qids, judged, source, segments, t0)
-        if what != "bm25" and guard is not None:
-            results[name]["backend"] = guard
+        if what != "bm25":
+            results[name]["item_vectors"] = vec_stats
+            if guard is not None:
+                results[name]["backend"] = guard
         log.info("%s: NDCG@10 %.4f on %d %s queries", name, results[name]["all"]["ndcg@10"], len(qids), split)
     if hybrid and all(h in ranked_of for h in hybrid):
         t0 = time.perf_counter()

@@ -82,6 +82,7 @@ class TwoTower(nn.Module):
         self.sha: str | None = None  # set by save() / load()
         self.backend = "torch"
         self._runners: dict = {}  # "query"/"item" -> assay.inference.OnnxRunner, set by use_backend()
+        self.same_as_encoder = False  # set by from_base
 
     # ------------------------------------------------------------------ build / save / load
     @classmethod
@@ -118,7 +119,14 @@ class TwoTower(nn.Module):
                 "beta": beta, "shared": shared, "projection_dim": projection_dim, "base_model": base_model,
                 "base_model_sha": models.model_sha(resolved), "query_max_length": query_max_length,
                 "item_max_length": item_max_length, "pooling": "mean"}
-        return cls(query, item, info=info).to(device).eval()  # inference mode until a training loop says train()
+        model = cls(query, item, info=info).to(device).eval()  # inference mode until a training loop says train()
+        # the item tower computes what the published sentence-transformers model computes (its transformer, then
+        # mean pooling and unit length, as the model's own pipeline): see assay.dense.item_cache_key
+        mods = list(base)
+        model.same_as_encoder = (not projection_dim and 2 <= len(mods) <= 3 and not base.default_prompt_name
+                                 and getattr(mods[1], "pooling_mode", None) in ("mean", ["mean"], ("mean",))
+                                 and all(type(m).__name__ == "Normalize" for m in mods[2:]))
+        return model
 
     def save(self, path: str | Path) -> str:
         """Write query/, item/ and twotower.json; returns the checkpoint sha (content hash of the weights)."""
