@@ -150,8 +150,10 @@ def test_simulated_answers_ingest_as_mined_pool(mined_master, tmp_path):
 # --------------------------------------------------------------------------- the features judge and the report
 
 FEATURES = dict(name="features", kind="features", model="all-MiniLM-L6-v2", max_length=64, class_weight="sqrt")
+# fp32 ONNX by name: under `inference: auto` calibration spent 14 s of this file's 67 s on the int8 export and its
+# guard (two passes over the calib pairs); a cross-encoder under auto is test_judges.py's
 CE = dict(name="ce-fast", kind="cross_encoder", model="all-MiniLM-L6-v2", max_length=32, batch_size=64, epochs=1,
-          max_train_pairs=500, learning_rate=3e-4)
+          max_train_pairs=500, learning_rate=3e-4, inference="onnx")
 
 
 @pytest.fixture(scope="module")
