@@ -133,10 +133,11 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
                    "data": data.summary(), "base_val_ndcg10": base_val,
                    "phases": {p["name"]: p for p in phases}}
         if record:
-            for p in phases:
-                if p.get("checkpoint"):
-                    _record_checkpoint(store, p, run_id)
-                    p["exports"] = export_checkpoint(p["checkpoint"], models_cfg, root)
+            kept = [p for p in phases if p.get("checkpoint")]
+            for p in kept:
+                _record_checkpoint(store, p, run_id)
+            if kept:  # the run's model: its last kept phase (an earlier stage's weights are only a starting point)
+                kept[-1]["exports"] = export_checkpoint(kept[-1]["checkpoint"], models_cfg, root)
             summary.update(ablation(folder, base_val, cfg))
             summary["report"] = str(write_train_report(root / "reports" / f"train-{utcnow():%Y%m%dT%H%M%S}",
                                                        summary, folder))
@@ -145,9 +146,10 @@ def run(cfg: TrainConfig, store: Store | None, models_cfg: ModelsConfig, *, stag
 
 
 def export_checkpoint(path: str, models_cfg: ModelsConfig, artifacts: Path) -> str:
-    """Export a kept checkpoint's towers for the first ONNX backend ``models.backend`` names (training stays on
-    PyTorch), so export-index, evaluate and serve find them built; returns that backend, or "torch" when the
-    setting needs no export. The accuracy guard runs where the export is first used (assay.dense.open_backend)."""
+    """Export the run's model (its last kept checkpoint) for the first ONNX backend ``models.backend`` names
+    (training stays on PyTorch), so export-index, evaluate and serve find it built; returns that backend, or
+    "torch" when the setting needs no export. The accuracy guard runs where the export is first used
+    (assay.dense.open_backend); an earlier stage's checkpoint is exported where it is first used, if ever."""
     from assay import inference
 
     backend = inference.resolve(models_cfg.backend, models_cfg.device)[0]
