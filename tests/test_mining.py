@@ -122,15 +122,17 @@ def test_embedding_cache_skips_unchanged_items(mined):
         n = s.count("products")
         assert n == 500
         # The fixture encoded on torch; the default backend (ONNX) is a different encoder, so the cache key differs
-        # and everything is encoded once, then reused.
-        onnx = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        # and everything is encoded once, then reused. (The int8 guard on 64 sampled texts, not 256: the guard's
+        # own tests are test_inference.py's.)
+        auto = ModelsConfig(guard_sample=64)
+        onnx = mine(MiningConfig(**FAST, channels=["ann"]), s, auto, progress=False)
         assert onnx["item_embeddings"]["encoded"] == n
-        again = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        again = mine(MiningConfig(**FAST, channels=["ann"]), s, auto, progress=False)
         assert again["item_embeddings"]["encoded"] == 0 and again["item_embeddings"]["cached"] == n
         back = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(backend="torch"), progress=False)
         assert back["item_embeddings"]["encoded"] == 0 and back["item_embeddings"]["cached"] == n
         s.exec("UPDATE products SET title = title || ' (renamed)' WHERE item_id = (SELECT min(item_id) FROM products)")
-        third = mine(MiningConfig(**FAST, channels=["ann"]), s, ModelsConfig(), progress=False)
+        third = mine(MiningConfig(**FAST, channels=["ann"]), s, auto, progress=False)
         assert third["item_embeddings"]["encoded"] == 1
         assert third["ann_index"]["reused"] is False  # the catalog changed, so the index was rebuilt
 
