@@ -250,6 +250,54 @@ class EmbeddingCache:
     def count(self) -> int:
         return sum(len(np.load(s, allow_pickle=False)) for s, _ in self._shards())
 
+    def stored_dim(self) -> int | None:
+        """The width of the cached vectors, from one shard's header (None while the cache is empty)."""
+        self._refresh()
+        if not self._ix["files"]:
+            return None
+        return int(np.load(self._ix["files"][0], mmap_mode="r", allow_pickle=False).shape[1])
+
+
+class LazyEncoder:
+    """An :class:`Encoder` opened at its first encode. Its cache key comes from the model's files and settings (the
+    same :func:`cache_key`, checked against the real encoder's when it opens), so :func:`encode_cached` reads every
+    cached text without loading the model: a judge, or a Ray worker, whose texts are all in the cache never loads
+    it (opening MiniLM in a fresh process took 4.8 s, sentence-transformers' import included)."""
+
+    def __init__(self, model_name: str, *, artifacts: Path, max_seq_length: int = 64, batch_size: int = 128,
+                 backend: str = "torch"):
+        self.sha = models.model_sha(models.resolve(model_name))
+        self.backend, self.precision = backend, "fp32"
+        self.cache_key = cache_key(self.sha, max_seq_length, self.precision, backend)
+        self._args = dict(model_name=model_name, max_seq_length=max_seq_length, batch_size=batch_size,
+                          backend=backend, artifacts=artifacts)
+        self._encoder: Encoder | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            enc = Encoder(**self._args)
+            if enc.cache_key != self.cache_key:  # the key's recipe and the encoder's must never drift apart
+                raise RuntimeError(f"encoder {self._args['model_name']!r}: cache key {enc.cache_key} differs from the "
+                                   f"one computed without loading it ({self.cache_key})")
+            self._encoder = enc
+        return self._encoder
+
+    @property
+    def dim(self) -> int:
+        if self._encoder is None:
+            stored = EmbeddingCache(self._args["artifacts"], self.cache_key).stored_dim()
+            if stored:
+                return stored
+        return self.encoder.dim
+
+    def encode(self, texts: list[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
+        return self.encoder.encode(texts, progress, desc)
+
 
 def encode_cached(encoder: Encoder, texts: list[str], cache_root: Path, progress: bool = False,
                   desc: str = "encode items", chunk: int = 16384) -> tuple[np.ndarray, dict]:

@@ -197,6 +197,8 @@ def test_features_judge_trains_calibrates_and_settles_clear_negatives(requested_
 
         out = judge.predict(pairs_from_arrow(neg))
         assert np.allclose(out.probs.sum(axis=1), 1, atol=1e-5)
+        # mining cached every query and item text: the cosine read them all, and the encoder was never loaded
+        assert judge.cosine_cache["encoded"] == 0 < judge.cosine_cache["cached"] and not judge.encoder_loaded
         assert (out.grade == 0).mean() > 0.8  # random items are unrelated: the cheap judge says so
         x = judge.features(pairs_from_arrow(neg))
         assert np.isnan(x[:, 0]).all() and (x[:, 12] == 1).all()  # no BM25 rank; neg_random set

@@ -305,6 +305,11 @@ class FeaturesJudge:
             self.cosine_cache[k] += qs[k] + its[k]
         return (qv * iv).sum(axis=1).astype(np.float32)
 
+    @property
+    def encoder_loaded(self) -> bool:
+        """Whether the cosine's encoder model is in memory (it loads at the first text missing from the cache)."""
+        return self._encoder is not None and getattr(self._encoder, "loaded", True)
+
     def _open_encoder(self, sample_texts: list[str]):
         """The cosine's encoder, on the backend the judge was trained with (``encoder_backend`` in its manifest).
 
@@ -315,7 +320,7 @@ class FeaturesJudge:
         ``sample_texts``, else fp32 ONNX); any other value is used as named. A judge always reads its cosine from the
         encoder it learned from."""
         from assay.config import ModelsConfig
-        from assay.encode import Encoder, open_encoder
+        from assay.encode import LazyEncoder, open_encoder
 
         backend = self.manifest.get("encoder_backend")
         if backend is None:
@@ -328,8 +333,9 @@ class FeaturesJudge:
                                    sample_texts, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
                 self.manifest["encoder_backend"], self.manifest["encoder_guard"] = enc.backend, enc.guard
                 return enc
-        return Encoder(self.cfg.model, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
-                       backend=backend, artifacts=Path(self.artifacts))
+        # opened at its first cache miss: a judge whose pairs' texts are all cached never loads the model
+        return LazyEncoder(self.cfg.model, max_seq_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
+                           backend=backend, artifacts=Path(self.artifacts))
 
     def _mining_backend(self) -> dict | None:
         """The backend of the encoder the bound workspace's newest mining run used (assay.mining.run.mined_encoder)
