@@ -174,7 +174,7 @@ def item_cache_key(model) -> str:
     0.9921 for one export batched 128 and 1 at a time), so evaluation and the search page read them instead of
     encoding the catalog again."""
     backend = getattr(model, "backend", "torch")
-    if getattr(model, "same_as_encoder", False) and model.sha == model.info["base_model_sha"]:
+    if model.same_as_encoder and model.sha == model.info["base_model_sha"]:
         from assay.encode import cache_key
 
         return cache_key(model.sha, model.item_max_length, "fp32", backend)

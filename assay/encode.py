@@ -272,6 +272,7 @@ class LazyEncoder:
         self._args = dict(model_name=model_name, max_seq_length=max_seq_length, batch_size=batch_size,
                           backend=backend, artifacts=artifacts)
         self._encoder: Encoder | None = None
+        self._dim: int | None = None
 
     @property
     def loaded(self) -> bool:
@@ -289,11 +290,11 @@ class LazyEncoder:
 
     @property
     def dim(self) -> int:
-        if self._encoder is None:
-            stored = EmbeddingCache(self._args["artifacts"], self.cache_key).stored_dim()
-            if stored:
-                return stored
-        return self.encoder.dim
+        # read once: encode_cached asks for it on every call (twice a batch in annotation)
+        if self._dim is None:
+            self._dim = (EmbeddingCache(self._args["artifacts"], self.cache_key).stored_dim() if self._encoder is None
+                         else None) or self.encoder.dim
+        return self._dim
 
     def encode(self, texts: list[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
         return self.encoder.encode(texts, progress, desc)

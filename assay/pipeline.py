@@ -371,7 +371,8 @@ def run(cfg: AssayConfig, workspace: Path, *, force: list[str] | None = None, un
         keys[name] = key
     out = {"workspace": str(workspace), "steps": table}
     ev = results.get("evaluate")
-    if ev is None and table[-1]["status"] == "skipped (current)":  # evaluation was current: report the newest one
+    if ev is None and next(r["status"] for r in table if r["step"] == "evaluate") == "skipped (current)":
+        # evaluation was current: report the newest one (not one that --until left stale)
         with Store.open(workspace, read_only=True) as store:
             row = store.exec("SELECT summary FROM runs WHERE stage = 'evaluate' AND status = 'ok' "
                              "ORDER BY ended_at DESC LIMIT 1")
